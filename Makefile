@@ -1,0 +1,37 @@
+# attnbench: `make bench` and `make test` do all set-up on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+SUITE   ?= auto
+RUN_ID  ?= $(shell date -u +%Y%m%d-%H%M%S)
+RESULTS ?= results/latest
+ARGS    ?=
+
+.PHONY: install bench test test-all lint report list clean-results
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Runs the suite chosen for the device found (SUITE=cpu|gpu|smoke|full to choose), then the report.
+bench: $(STAMP)
+	ATTNBENCH_RUN_ID=$(RUN_ID) $(PYTHON) -m bench.run suite=$(SUITE) $(ARGS)
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q $(ARGS)
+
+test-all: $(STAMP)
+	$(PYTHON) -m pytest -q -m "slow or not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(PYTHON) -m ruff check .
+
+report: $(STAMP)
+	$(PYTHON) -m bench.report $(RESULTS)
+
+list: $(STAMP)
+	$(PYTHON) -m bench.list

@@ -1,0 +1,112 @@
+"""From a composed config to the list of cells a run measures.
+
+Precedence, lowest first: the task's default point (conf/task), the suite's
+sweep axes (conf/suite), then `task.KEY=...` given on the command line. A
+method or task named on the command line narrows the suite to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from methods import get_impl, get_method
+from methods.registry import unknown
+from tasks import get_task
+from tasks.base import Cell
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def group_names(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def load_group(group: str, name: str, conf_dir: Path = CONF_DIR) -> dict:
+    path = conf_dir / group / f"{name}.yaml"
+    if not path.exists():
+        raise unknown(group, name, group_names(group, conf_dir))
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def resolve_suite(suite: Mapping, device: torch.device) -> dict:
+    """`auto` becomes `gpu` on a CUDA device and `cpu` elsewhere."""
+    suite = dict(suite)
+    if suite.get("name") == "auto":
+        suite = load_group("suite", "gpu" if device.type == "cuda" else "cpu")
+    return suite
+
+
+def _as_list(value) -> list | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    return list(value)
+
+
+def method_plan(cfg: Mapping, suite: Mapping) -> list[tuple[str, list[str], dict]]:
+    """(method, impls, params) triples to run, validated against the registry."""
+    impl_override = _as_list(cfg.get("impl"))
+    method_cfg = cfg.get("method")
+    suite_methods = dict(suite.get("methods") or {})
+    if method_cfg:
+        entries = {method_cfg["name"]: {"impls": suite_methods.get(method_cfg["name"]), "params": method_cfg["params"]}}
+    elif suite_methods:
+        entries = {}
+        for name, entry in suite_methods.items():
+            entry = entry if isinstance(entry, Mapping) else {"impls": entry}
+            params = dict(load_group("method", name).get("params") or {})
+            params.update(entry.get("params") or {})
+            entries[name] = {"impls": entry.get("impls"), "params": params}
+    else:
+        raise ValueError(f"name a method (method=...) or a suite that lists methods; methods: {', '.join(group_names('method'))}")
+    plan = []
+    for name, entry in entries.items():
+        spec = get_method(name)
+        impls = impl_override or _as_list(entry["impls"]) or list(spec.impls)
+        for impl in impls:
+            get_impl(name, impl)
+        plan.append((name, impls, dict(entry["params"] or {})))
+    return plan
+
+
+def task_plan(cfg: Mapping, suite: Mapping, cli_task_keys: Sequence[str] = ()) -> list[tuple[str, dict, dict]]:
+    """(task, default point, sweep axes) triples."""
+    task_cfg = cfg.get("task")
+    suite_tasks = dict(suite.get("tasks") or {})
+    if task_cfg:
+        name = task_cfg["name"]
+        defaults = {k: v for k, v in task_cfg.items() if k != "name"}
+        axes = dict(suite_tasks.get(name) or {})
+        axes.update({k: defaults[k] for k in cli_task_keys if k in defaults})
+        return [(name, defaults, axes)]
+    if not suite_tasks:
+        raise ValueError(f"name a task (task=...) or a suite that lists tasks; tasks: {', '.join(group_names('task'))}")
+    out = []
+    for name, axes in suite_tasks.items():
+        defaults = {k: v for k, v in load_group("task", name).items() if k != "name"}
+        out.append((name, defaults, dict(axes or {})))
+    return out
+
+
+def plan_cells(cfg: DictConfig | Mapping, device: torch.device, hardware: str, cli_task_keys: Sequence[str] = ()) -> list[Cell]:
+    """Task, then point, then method, then impl: every implementation of a point runs back to back,
+    so they share inputs and the oracle's answer."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    suite = resolve_suite(cfg.get("suite") or {"name": "single"}, device)
+    methods = method_plan(cfg, suite)
+    cells = []
+    for task_name, defaults, axes in task_plan(cfg, suite, cli_task_keys):
+        task = get_task(task_name)
+        for point in task.points(defaults, axes):
+            for method, impls, params in methods:
+                for impl in impls:
+                    cells.append(
+                        Cell(method, impl, task_name, hardware, point, params, int(cfg.get("seed", 0)), suite["name"])
+                    )
+    return cells

@@ -1,0 +1,138 @@
+"""Turns cells into rows. One cell failing never stops the sweep: it becomes a row with a status and a reason."""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.hardware import HardwareProfile
+from bench.measure import WrongResult
+from bench.provenance import device_name, now_iso, provenance
+from bench.results import CORE_COLUMNS, finished_cells, write_row
+from bench.timing import CellTimeout, TimingConfig
+from methods import Unsupported, build, get_impl, get_method
+from methods.registry import interpreted
+from tasks import Cell, RunContext, get_task
+from tasks.base import SHAPE_KEYS
+
+REASON_CHARS = 300
+
+
+@dataclass
+class RunSettings:
+    results_dir: Path
+    run_id: str
+    device: torch.device
+    profile: HardwareProfile
+    timing: TimingConfig
+    force: bool = False
+    measure_memory: bool = True
+    config_yaml: str = ""
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    line = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return line if len(line) <= REASON_CHARS else line[: REASON_CHARS - 3] + "..."
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in str(err) or "out of memory" in str(err))
+
+
+def classify(err: BaseException) -> tuple[str, str]:
+    """(status, reason) for an exception raised while measuring a cell."""
+    if isinstance(err, Unsupported):
+        return "unsupported", str(err).splitlines()[0]
+    if isinstance(err, WrongResult):
+        return "wrong", str(err).splitlines()[0]
+    if isinstance(err, CellTimeout):
+        return "timeout", str(err).splitlines()[0]
+    if _is_oom(err):
+        return "oom", one_line(err)
+    return "error", one_line(err)
+
+
+def base_row(cell: Cell, settings: RunSettings) -> dict:
+    """Every core column, with the cell's keys and provenance filled and the metrics empty."""
+    spec = get_method(cell.method)
+    impl = get_impl(cell.method, cell.impl)
+    row = dict.fromkeys(CORE_COLUMNS)
+    row.update({k: cell.point.get(k) for k in SHAPE_KEYS})
+    row.update({k: v for k, v in cell.point.items() if k not in SHAPE_KEYS})  # task keys: depth, beta, ...
+    row.update(provenance())
+    row.update(
+        run_id=settings.run_id,
+        cell_id=cell.cell_id,
+        method=cell.method,
+        impl=cell.impl,
+        impl_kind=impl.kind,
+        family=spec.family,
+        exact=spec.exact,
+        task=cell.task,
+        suite=cell.suite,
+        hardware=settings.profile.name,
+        device=device_name(settings.device),
+        seed=cell.seed,
+        method_params=json.dumps(dict(cell.method_params), sort_keys=True),
+        interpreted=interpreted(impl.kind, settings.device),
+        config_yaml=settings.config_yaml,
+    )
+    return row
+
+
+def measure_cell(cell: Cell, settings: RunSettings) -> dict:
+    """The row for one cell, whatever happens inside it (KeyboardInterrupt aside)."""
+    row = base_row(cell, settings)
+    started = time.perf_counter()
+    try:
+        reason = get_impl(cell.method, cell.impl).guard(settings.device)
+        if reason:
+            raise Unsupported(reason)
+        task = get_task(cell.task)
+        attn = build(cell.method, impl=cell.impl, **dict(cell.method_params))
+        ctx = RunContext(
+            device=settings.device,
+            timing=settings.timing,
+            peak_tflops=settings.profile.peak_for(cell.point.get("dtype", "float32")),
+            measure_memory=settings.measure_memory,
+        )
+        row.update(task.run_cell(cell, attn, ctx))
+        row["status"], row["reason"] = "ok", ""
+    except Exception as err:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
+        row["status"], row["reason"] = classify(err)
+    finally:
+        gc.collect()
+        if settings.device.type == "cuda":
+            torch.cuda.empty_cache()
+    row["cell_seconds"] = time.perf_counter() - started
+    row["timestamp"] = now_iso()
+    return row
+
+
+def run_cells(cells: Iterable[Cell], settings: RunSettings, log=print) -> list[dict]:
+    """Measure and write each cell; skip cells with an `ok` row unless `force`. Returns the rows written."""
+    cells = list(cells)
+    done = set() if settings.force else finished_cells(settings.results_dir)
+    rows = []
+    for i, cell in enumerate(cells, 1):
+        prefix = f"[{i}/{len(cells)}] {cell.label()}"
+        if cell.cell_id in done:
+            log(f"{prefix}: skipped (ok row exists)")
+            continue
+        row = measure_cell(cell, settings)
+        write_row(settings.results_dir, row)
+        rows.append(row)
+        latency = f" {row['latency_ms']:.3f} ms" if row.get("latency_ms") is not None else ""
+        log(f"{prefix}: {row['status']}{latency}{' - ' + row['reason'] if row['reason'] else ''}")
+        sys.stdout.flush()
+    return rows

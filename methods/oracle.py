@@ -1,0 +1,86 @@
+"""The naive dense oracle every reference is held against.
+
+It is the definition and nothing else: scores, mask, softmax, weighted sum, in
+float64 by default. It walks query blocks so that an N x N score matrix never
+has to fit at once, which keeps fidelity checks possible at long context.
+Masks follow attention-gym's convention: `mask_mod(b, h, q_idx, kv_idx) -> bool`
+(True = the query may see the key), evaluated on broadcast index tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from methods.base import default_scale
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def causal_mask_mod(n_queries: int, n_keys: int) -> MaskMod:
+    """Bottom-right aligned causal mask: query i is token i + (n_keys - n_queries)."""
+    offset = n_keys - n_queries
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    return mask_mod
+
+
+def and_masks(*mods: MaskMod | None) -> MaskMod | None:
+    mods = tuple(m for m in mods if m is not None)
+    if not mods:
+        return None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        out = mods[0](b, h, q_idx, kv_idx)
+        for m in mods[1:]:
+            out = out & m(b, h, q_idx, kv_idx)
+        return out
+
+    return mask_mod
+
+
+def oracle_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    mask_mod: MaskMod | None = None,
+    scale: float | None = None,
+    dtype: torch.dtype = torch.float64,
+    block_q: int = 1024,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v in `dtype`; rows that see no key are zero (as FlashAttention)."""
+    batch, heads, n_q, _ = q.shape
+    n_k = k.shape[-2]
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    mask_mod = and_masks(causal_mask_mod(n_q, n_k) if causal else None, mask_mod)
+    b_idx = torch.arange(batch, device=q.device).view(-1, 1, 1, 1)
+    h_idx = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
+    kv_idx = torch.arange(n_k, device=q.device).view(1, 1, 1, -1)
+    blocks = []
+    for start in range(0, max(n_q, 1), block_q):
+        stop = min(start + block_q, n_q)
+        scores = (q[:, :, start:stop] @ k.transpose(-1, -2)) * scale
+        if mask_mod is not None:
+            q_idx = torch.arange(start, stop, device=q.device).view(1, 1, -1, 1)
+            allowed = mask_mod(b_idx, h_idx, q_idx, kv_idx).expand_as(scores)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        row_max = scores.amax(-1, keepdim=True)
+        empty_row = torch.isinf(row_max) & (row_max < 0)
+        weights = torch.exp(scores - row_max.masked_fill(empty_row, 0.0))
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        blocks.append(weights @ v)
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
+
+
+def fidelity(out: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(max abs error, relative Frobenius error) of `out` against a higher-precision `reference`."""
+    diff = out.to(reference.dtype) - reference
+    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    denom = float(torch.linalg.vector_norm(reference))
+    rel = float(torch.linalg.vector_norm(diff)) / denom if denom > 0 else float(torch.linalg.vector_norm(diff))
+    return max_abs, rel

@@ -1,0 +1,127 @@
+"""Task `scaling`: the attention op alone across shapes, dtypes, patterns and modes.
+
+Every implementation at a sweep point sees the same inputs (seeded by the
+point, not by the implementation) and is held against the same fp64 oracle,
+which is computed once per point and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from bench.measure import check_exact, check_finite, measure_call
+from methods.base import Attention, Shape
+from methods.oracle import fidelity, oracle_attention
+from tasks.base import Cell, RunContext, Task, torch_dtype
+
+INPUT_DISTS = ("gaussian", "peaked")
+ORACLE_BLOCK_BYTES = 512 * 2**20  # bound on one oracle score block, so fidelity fits at long context
+
+
+def point_seed(seed: int, point: dict, salt: str = "") -> int:
+    """Same point, same inputs, whichever implementation asks."""
+    shape_keys = {k: point.get(k) for k in ("dtype", "batch", "heads", "seq_len", "kv_len", "head_dim")}
+    shape_keys["input_dist"] = point.get("input_dist", "gaussian")
+    digest = hashlib.sha1(json.dumps([seed, shape_keys, salt], sort_keys=True).encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def make_qkv(point: dict, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v for the point; `peaked` sharpens q so rows are low-entropy, as in trained models."""
+    gen = torch.Generator(device="cpu").manual_seed(point_seed(seed, point))
+    dtype = torch_dtype(point["dtype"])
+    n_q = 1 if point["mode"] == "decode" else point["seq_len"]
+    b, h, d, n_k = point["batch"], point["heads"], point["head_dim"], point["kv_len"]
+    q = torch.randn(b, h, n_q, d, generator=gen)
+    k = torch.randn(b, h, n_k, d, generator=gen)
+    v = torch.randn(b, h, n_k, d, generator=gen)
+    dist = point.get("input_dist", "gaussian")
+    if dist == "peaked":
+        q = q * 4.0
+    elif dist != "gaussian":
+        raise ValueError(f"unknown input_dist {dist!r}; choose from: {', '.join(INPUT_DISTS)}")
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+_ORACLE_CACHE: dict[str, torch.Tensor] = {}
+
+
+def oracle_for(point: dict, seed: int, q, k, v, causal: bool) -> torch.Tensor:
+    """fp64 oracle output, kept for the last point: every implementation of a point reuses it."""
+    key = json.dumps([point_seed(seed, point), causal, str(q.device)])
+    if key not in _ORACLE_CACHE:
+        _ORACLE_CACHE.clear()
+        per_row = max(1, q.shape[0] * q.shape[1] * k.shape[-2] * 8)
+        block_q = max(1, min(q.shape[-2], ORACLE_BLOCK_BYTES // per_row))
+        _ORACLE_CACHE[key] = oracle_attention(q, k, v, causal=causal, dtype=torch.float64, block_q=block_q)
+    return _ORACLE_CACHE[key]
+
+
+class ScalingTask(Task):
+    name = "scaling"
+    description = "latency, memory, TFLOP/s and fidelity of the attention op (fwd, bwd, fwd_bwd, decode)"
+
+    def normalise_point(self, point: dict) -> dict | None:
+        point = dict(point)
+        point.setdefault("input_dist", "gaussian")
+        if point.get("kv_len") in (None, "same"):
+            point["kv_len"] = point["seq_len"]
+        if point["mode"] == "decode":
+            # Decode is one new token against a cache of the context: seq_len 1, kv_len = context.
+            point["seq_len"] = 1
+            point["causal"] = True
+        for key in ("batch", "heads", "seq_len", "kv_len", "head_dim"):
+            if int(point[key]) < 1:
+                raise ValueError(f"{key} must be >= 1, got {point[key]}")
+        return point
+
+    def run_cell(self, cell: Cell, attn: Attention, ctx: RunContext) -> dict:
+        p = dict(cell.point)
+        mode, causal = p["mode"], bool(p["causal"])
+        attn.capabilities.check(causal=causal, cross=p["seq_len"] != p["kv_len"], mode=mode, dtype=p["dtype"])
+        attn = attn.to(ctx.device)
+        q, k, v = make_qkv(p, cell.seed, ctx.device)
+        shape = Shape(p["batch"], p["heads"], p["seq_len"], p["kv_len"], p["head_dim"], causal)
+        row: dict = {"input_dist": p["input_dist"]}
+
+        # Correctness first, on the very inputs that are timed.
+        with torch.no_grad():
+            out = attn.decode(q, k, v) if mode == "decode" else attn(q, k, v, causal=causal)
+        check_finite(out)
+        if ctx.check_fidelity:
+            reference = oracle_for(p, cell.seed, q, k, v, causal)
+            row["fidelity_max_abs"], row["fidelity_rel"] = fidelity(out, reference)
+            if attn.exact:
+                check_exact(row["fidelity_rel"], p["dtype"])
+        del out
+
+        fn = self._call(attn, mode, causal, q, k, v)
+        row.update(
+            measure_call(
+                fn, ctx.device, ctx.timing, attn.flops(shape, mode), ctx.peak_tflops, measure_memory=ctx.measure_memory
+            )
+        )
+        row["state_bytes"] = attn.state_bytes(p["batch"], p["heads"], p["kv_len"], p["head_dim"], q.dtype)
+        return row
+
+    @staticmethod
+    def _call(attn: Attention, mode: str, causal: bool, q, k, v):
+        """The closure that is timed: exactly the work the mode names, nothing set up inside it."""
+        if mode == "decode":
+            return torch.no_grad()(lambda: attn.decode(q, k, v))
+        if mode == "fwd":
+            return torch.no_grad()(lambda: attn(q, k, v, causal=causal))
+        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+        grad_out = torch.randn_like(q[..., : v.shape[-1]])
+        if mode == "fwd_bwd":
+
+            def fwd_bwd():
+                out = attn(q, k, v, causal=causal)
+                return torch.autograd.grad(out, (q, k, v), grad_out)
+
+            return fwd_bwd
+        out = attn(q, k, v, causal=causal)  # mode == "bwd": the graph is built once, outside the timed call
+        return lambda: torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)

@@ -1,0 +1,64 @@
+"""The oracle itself against a per-query loop written independently of it."""
+
+import math
+
+import pytest
+import torch
+
+from methods.base import causal_visible_keys, computed_pairs_dense
+from methods.oracle import fidelity, oracle_attention
+
+
+def loop_attention(q, k, v, causal):
+    """One query at a time, in Python floats' precision (fp64), bottom-right causal, empty rows zero."""
+    b, h, n_q, d = q.shape
+    n_k = k.shape[-2]
+    out = torch.zeros(b, h, n_q, v.shape[-1], dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(n_q):
+                visible = min(n_k, i + n_k - n_q + 1) if causal else n_k
+                if visible <= 0:
+                    continue
+                s = (k[bi, hi, :visible].double() @ q[bi, hi, i].double()) / math.sqrt(d)
+                out[bi, hi, i] = torch.softmax(s, 0) @ v[bi, hi, :visible].double()
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n_q,n_k", [(1, 1), (5, 5), (17, 17), (3, 11), (11, 3), (1, 9)])
+def test_oracle_matches_loop(causal, n_q, n_k):
+    q, k, v = torch.randn(2, 2, n_q, 8), torch.randn(2, 2, n_k, 8), torch.randn(2, 2, n_k, 8)
+    expected = loop_attention(q, k, v, causal)
+    for block_q in (1, 4, 1024):  # query blocking must not change the answer
+        got = oracle_attention(q, k, v, causal=causal, block_q=block_q)
+        assert torch.allclose(got, expected, atol=1e-12)
+
+
+def test_oracle_mask_mod_and_empty_rows():
+    q, k, v = torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4)
+    # A window of 2 keys: query i sees keys i-1 and i.
+    got = oracle_attention(q, k, v, mask_mod=lambda b, h, qi, ki: (ki <= qi) & (qi - ki < 2))
+    for i in range(6):
+        lo = max(0, i - 1)
+        s = (k[0, 0, lo : i + 1].double() @ q[0, 0, i].double()) / 2.0
+        assert torch.allclose(got[0, 0, i], torch.softmax(s, 0) @ v[0, 0, lo : i + 1].double())
+    nothing = oracle_attention(q, k, v, mask_mod=lambda b, h, qi, ki: ki < 0)
+    assert torch.equal(nothing, torch.zeros_like(nothing))
+
+
+def test_causal_visible_keys_and_pairs():
+    assert causal_visible_keys(4, 4).tolist() == [1, 2, 3, 4]
+    assert causal_visible_keys(2, 5).tolist() == [4, 5]  # queries are the last two tokens
+    assert causal_visible_keys(5, 2).tolist() == [0, 0, 0, 1, 2]  # early queries see nothing
+    assert computed_pairs_dense(1000, 1000, True) == 1000 * 1001 // 2
+    assert computed_pairs_dense(1000, 1000, False) == 1000 * 1000
+    assert computed_pairs_dense(3, 10, True) == 8 + 9 + 10
+    assert computed_pairs_dense(10, 3, True) == 1 + 2 + 3
+
+
+def test_fidelity_metrics():
+    ref = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
+    max_abs, rel = fidelity(torch.tensor([[3.0, 4.5]]), ref)
+    assert max_abs == pytest.approx(0.5)
+    assert rel == pytest.approx(0.5 / 5.0)

@@ -1,0 +1,69 @@
+"""From config to cells: precedence of defaults, suite axes and command-line values."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import bench.run  # noqa: F401 - registers the run_id resolver
+from bench.plan import CONF_DIR, plan_cells
+from methods import UnknownName
+from tasks.base import expand_points
+
+CPU = torch.device("cpu")
+
+
+def cells_for(*overrides, cli_task_keys=()):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return plan_cells(cfg, CPU, "cpu", cli_task_keys)
+
+
+def test_single_cell_from_the_task_default_point():
+    cells = cells_for("method=softmax", "impl=reference", "task=scaling")
+    assert len(cells) == 1
+    c = cells[0]
+    assert (c.method, c.impl, c.task, c.suite) == ("softmax", "reference", "scaling", "single")
+    assert c.point["seq_len"] == 1024 and c.point["kv_len"] == 1024 and c.point["mode"] == "fwd"
+
+
+def test_suite_sweeps_and_cli_task_values_win():
+    cells = cells_for("method=softmax", "impl=[reference,sdpa]", "task=scaling", "suite=smoke")
+    lengths = {c.point["seq_len"] for c in cells if c.point["mode"] != "decode"}
+    assert lengths == {128, 256}
+    assert {c.impl for c in cells} == {"reference", "sdpa"}
+    # smoke: 2 lengths x 2 causal x 3 modes, decode is causal only -> 2*2*2 + 2 points, x 2 impls
+    assert len(cells) == (2 * 2 * 2 + 2) * 2
+    decode = [c for c in cells if c.point["mode"] == "decode"]
+    assert all(c.point["seq_len"] == 1 and c.point["causal"] for c in decode)
+    assert {c.point["kv_len"] for c in decode} == {128, 256}
+    cli = cells_for("method=softmax", "impl=sdpa", "task=scaling", "suite=smoke", "task.seq_len=[64]",
+                    cli_task_keys=("seq_len",))
+    assert {c.point["kv_len"] for c in cli} == {64}
+
+
+def test_suite_alone_lists_methods_and_tasks():
+    cells = cells_for("suite=smoke")
+    assert {c.impl for c in cells} == {"reference", "sdpa", "sdpa_math"}
+    # implementations of one point run back to back, so they share inputs and the oracle
+    assert [c.impl for c in cells[:3]] == ["reference", "sdpa", "sdpa_math"]
+
+
+def test_auto_suite_is_cpu_without_gpu():
+    cells = cells_for("suite=auto")
+    assert {c.suite for c in cells} == {"cpu"}
+
+
+def test_nothing_named_is_an_error():
+    with pytest.raises(ValueError, match="name a method"):
+        cells_for()
+
+
+def test_bad_impl_lists_choices():
+    with pytest.raises(UnknownName, match="choose from"):
+        cells_for("method=softmax", "impl=nope", "task=scaling")
+
+
+def test_expand_points_product_and_scalars():
+    pts = list(expand_points({"a": 1, "b": [1, 2]}, {"c": [3, 4], "a": 5}))
+    assert len(pts) == 4 and all(p["a"] == 5 for p in pts)
+    assert {(p["b"], p["c"]) for p in pts} == {(1, 3), (1, 4), (2, 3), (2, 4)}
