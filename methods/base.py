@@ -108,11 +108,30 @@ class Attention(nn.Module, abc.ABC):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
         """Attention output, same shape as `q` with `v`'s head dim."""
 
-    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """One new query token (seq 1) against the whole cache; the cache already holds the new key."""
+    # --- decoding: one new token at a time ------------------------------------------
+    # `prefill` runs outside the timed call and builds whatever the method keeps between
+    # tokens (a KV cache, a window, a recurrent state); `decode_step` is the timed work for
+    # one token. decode_step must not mutate the state it is given, so it can be timed repeatedly.
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor) -> object:
+        """State after the context `k, v` (batch, heads, n, d): a KV cache with room for one more token."""
         if not self.capabilities.decode:
             raise Unsupported(f"{self.method}/{self.impl} has no decode")
-        return self.forward(q, k_cache, v_cache, causal=True)
+        return KVCache.from_context(k, v, extra=1)
+
+    def decode_step(
+        self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, state: object
+    ) -> tuple[torch.Tensor, object]:
+        """Output for the new token (q, k_new, v_new of seq 1) and the state that includes it."""
+        if not self.capabilities.decode:
+            raise Unsupported(f"{self.method}/{self.impl} has no decode")
+        cache = state.append(k_new, v_new)
+        return self.forward(q, cache.keys, cache.values, causal=True), cache
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """One query (seq 1) against a cache whose last entry is the query's own token."""
+        state = self.prefill(k_cache[:, :, :-1], v_cache[:, :, :-1])
+        return self.decode_step(q, k_cache[:, :, -1:], v_cache[:, :, -1:], state)[0]
 
     # --- cost model: what the algorithm computes, not a dense equivalent -------------
     def computed_pairs(self, n_queries: int, n_keys: int, causal: bool) -> int:
@@ -141,3 +160,38 @@ class Attention(nn.Module, abc.ABC):
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+@dataclass
+class KVCache:
+    """A preallocated KV cache: writing a token is an O(1) copy into the next slot, as serving engines do."""
+
+    k_buf: torch.Tensor
+    v_buf: torch.Tensor
+    length: int
+
+    @classmethod
+    def from_context(cls, k: torch.Tensor, v: torch.Tensor, extra: int = 1) -> KVCache:
+        b, h, n, _ = k.shape
+        k_buf = k.new_empty(b, h, n + extra, k.shape[-1])
+        v_buf = v.new_empty(b, h, n + extra, v.shape[-1])
+        k_buf[:, :, :n] = k
+        v_buf[:, :, :n] = v
+        return cls(k_buf, v_buf, n)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.k_buf[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.v_buf[:, :, : self.length]
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> KVCache:
+        """The cache with the new token in the next slot; `self` still covers only its own tokens."""
+        n_new = k_new.shape[-2]
+        if self.length + n_new > self.k_buf.shape[-2]:
+            raise ValueError(f"KV cache full: {self.length} + {n_new} > capacity {self.k_buf.shape[-2]}")
+        self.k_buf[:, :, self.length : self.length + n_new] = k_new
+        self.v_buf[:, :, self.length : self.length + n_new] = v_new
+        return KVCache(self.k_buf, self.v_buf, self.length + n_new)

@@ -13,7 +13,7 @@ import json
 import torch
 
 from bench.measure import check_exact, check_finite, measure_call
-from methods.base import Attention, Shape
+from methods.base import Attention, Shape, computed_pairs_dense
 from methods.oracle import fidelity, oracle_attention
 from tasks.base import Cell, RunContext, Task, torch_dtype
 
@@ -90,6 +90,9 @@ class ScalingTask(Task):
         # Correctness first, on the very inputs that are timed.
         with torch.no_grad():
             out = attn.decode(q, k, v) if mode == "decode" else attn(q, k, v, causal=causal)
+        row["sparsity"] = 1.0 - attn.computed_pairs(shape.seq_len, shape.kv_len, causal) / max(
+            1, computed_pairs_dense(shape.seq_len, shape.kv_len, causal)
+        )
         check_finite(out)
         if ctx.check_fidelity:
             reference = oracle_for(p, cell.seed, q, k, v, causal)
@@ -111,7 +114,11 @@ class ScalingTask(Task):
     def _call(attn: Attention, mode: str, causal: bool, q, k, v):
         """The closure that is timed: exactly the work the mode names, nothing set up inside it."""
         if mode == "decode":
-            return torch.no_grad()(lambda: attn.decode(q, k, v))
+            # The context is prefilled outside the timed call; the timed work is one token's step.
+            with torch.no_grad():
+                state = attn.prefill(k[:, :, :-1], v[:, :, :-1])
+            k_new, v_new = k[:, :, -1:], v[:, :, -1:]
+            return torch.no_grad()(lambda: attn.decode_step(q, k_new, v_new, state)[0])
         if mode == "fwd":
             return torch.no_grad()(lambda: attn(q, k, v, causal=causal))
         q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
