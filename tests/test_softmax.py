@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from methods import Unsupported, UnknownName, build
+from methods import UnknownName, Unsupported, build
 from methods.base import Shape
 from methods.oracle import oracle_attention
 

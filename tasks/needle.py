@@ -1,0 +1,391 @@
+"""Task `needle`: needle-in-a-haystack retrieval by the attention operator itself, no training.
+
+Long-context users first ask whether a method still finds one relevant token
+among many (gkamradt's needle test, RULER, passkey retrieval). This task asks
+the attention op that question directly, so it runs in seconds on a CPU and
+applies to every method through `attn(q, k, v, causal=...)`.
+
+The construction, per trial (each (batch, head) pair is one independent trial,
+so one call measures `batch * heads` trials):
+
+- **Haystack.** N tokens with keys and values drawn from N(0, I) and random
+  queries. The softmax scale is 1/sqrt(head_dim), so a haystack key's logit
+  against the probe query is N(0, 1).
+- **Query.** `q = sqrt(head_dim) * u` for a random unit vector `u`: its norm is
+  that of a typical random query, and its logit for a key `k` is `u . k`.
+  The query sits at the last position, causal or not (the simplest choice that
+  is valid for both: in the causal case it sees the whole haystack). The
+  multi-query variant puts its K queries on the last K positions.
+- **Needle.** The key at the needle slot keeps its random part orthogonal to
+  `u` (so its norm and direction look like any other key) but its component
+  along `u` is set to `beta`: the needle's logit is exactly `beta`, i.e. beta
+  is the signal-to-noise ratio in units of the haystack logits' std. Its value
+  is a *marker*: one row of a random orthogonal codebook of `head_dim` codes
+  scaled to norm sqrt(head_dim), like the haystack values. The metric decodes
+  the output by its largest projection on the codebook; the haystack values
+  are random and project on every code, so they are the noise decoding fights.
+- **Depth.** The haystack slots are the positions before the query (0 .. N-n_q-1).
+  Depth d puts the needle (or the block of K consecutive needles of the
+  multi-needle variants) at slot round(d * (slots - K)): depth 0 is the first
+  token, depth 1 the token just before the (first) query.
+
+RULER-style variants (`variant`), with `needles` = K:
+
+- `single`: one needle, one query.
+- `multikey`: one needle plus K-1 distractors at random slots (seeded per trial)
+  whose keys are close to the needle's (they share a fraction
+  `distractor_sim` of its logit and of its orthogonal noise) but not the
+  query's exact key. Their values carry other markers; decoding a distractor
+  is a miss.
+- `multivalue`: K needles with the identical key, each with its own marker;
+  a hit is all K markers being the top-K decoded markers.
+- `multiquery`: K queries (orthonormal directions) and K needles, needle i
+  answering query i; a hit is every query decoding its own marker.
+
+Columns per cell: `accuracy` (hit rate over trials), `hits`, `trials`,
+`chance` (the hit rate of random decoding), `needle_cos` (cos of the output
+with the target value), and, computed analytically from q and k so that they
+describe the cell's difficulty identically for every method: `needle_mass`
+(the attention mass exact softmax puts on the target needle(s)) and `margin`
+/ `margin_min` (target logit minus the largest competing logit, mean and worst
+over trials). `method_mass` is the mass the *method* puts on the target,
+measured with a probe call whose values are the needle indicator (exact for
+any attention that is linear in v, which every attention is).
+
+Seeding: the haystack depends on the run seed and on the point's shape and
+variant only, not on depth, beta, causal, dtype or the implementation. Moving
+the needle or changing its strength leaves the haystack untouched (as in the
+needle-in-a-haystack plots), and every implementation sees the same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+
+from bench.measure import check_exact, check_finite, measure_call
+from methods.base import Attention, Shape, default_scale
+from methods.oracle import fidelity, oracle_attention
+from tasks.base import Cell, RunContext, Task, torch_dtype
+
+VARIANTS = ("single", "multikey", "multivalue", "multiquery")
+# The keys that decide the haystack. Depth, beta, causal and dtype are left out on purpose (module docstring).
+HAYSTACK_KEYS = ("batch", "heads", "seq_len", "head_dim", "variant", "needles", "distractor_sim")
+
+
+@dataclass
+class NeedleTruth:
+    """Ground truth of one haystack; positions are shared by all trials, markers are per trial."""
+
+    variant: str
+    query_pos: torch.Tensor  # (n_q,) positions whose output is read
+    target_pos: torch.Tensor  # (n_q, n_t) positions of the needles each query must retrieve
+    target_marker: torch.Tensor  # (batch, heads, n_q, n_t) codebook index of each target's value
+    needle_pos: torch.Tensor  # (K,) every needle position (the block placed at `depth`)
+    distractor_pos: torch.Tensor  # (batch, heads, n_d) multikey distractors (n_d = 0 otherwise)
+    distractor_marker: torch.Tensor  # (batch, heads, n_d)
+    codebook: torch.Tensor  # (batch, heads, C, head_dim) float32, orthogonal rows of norm sqrt(head_dim)
+
+    @property
+    def n_queries(self) -> int:
+        return int(self.query_pos.numel())
+
+    def to(self, device: torch.device | str) -> NeedleTruth:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return NeedleTruth(**moved)
+
+
+@dataclass
+class Haystack:
+    q: torch.Tensor  # (batch, heads, N, head_dim) in the point's dtype
+    k: torch.Tensor
+    v: torch.Tensor
+    truth: NeedleTruth
+
+
+def haystack_seed(seed: int, point: dict) -> int:
+    """Same run seed and haystack keys, same haystack, whichever implementation (or depth, or beta) asks."""
+    keys = {k: point.get(k) for k in HAYSTACK_KEYS}
+    digest = hashlib.sha1(json.dumps([seed, keys, "needle"], sort_keys=True).encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def n_queries(variant: str, needles: int) -> int:
+    return needles if variant == "multiquery" else 1
+
+
+def n_block(variant: str, needles: int) -> int:
+    """Needles placed as a block at `depth` (multikey's distractors are scattered, not part of it)."""
+    return needles if variant in ("multivalue", "multiquery") else 1
+
+
+def needle_block_start(depth: float, slots: int, block: int) -> int:
+    """First position of a block of `block` needles at relative depth `depth` among `slots` haystack slots."""
+    return int(math.floor(depth * (slots - block) + 0.5))
+
+
+def chance_level(variant: str, needles: int, codes: int) -> float:
+    """Hit rate of a decoder that guesses: the floor a method that cannot see the needle should sit at."""
+    if variant in ("single", "multikey"):
+        return 1.0 / codes
+    if variant == "multivalue":
+        return 1.0 / math.comb(codes, needles)
+    return (1.0 / codes) ** needles
+
+
+def _replace_along(z: torch.Tensor, u: torch.Tensor, amount: float | torch.Tensor) -> torch.Tensor:
+    """z with its component along the unit vector u replaced by `amount` (u, z: (..., D))."""
+    return z - (z * u).sum(-1, keepdim=True) * u + amount * u
+
+
+def make_haystack(point: dict, seed: int) -> Haystack:
+    """The point's haystack and its ground truth, on the CPU, in the point's dtype.
+
+    Random draws come in a fixed order that does not depend on depth or beta,
+    so those two only move and scale the needle (see the module docstring).
+    """
+    b, h, n, d = (int(point[key]) for key in ("batch", "heads", "seq_len", "head_dim"))
+    variant, needles = point["variant"], int(point["needles"])
+    depth, beta, sim = float(point["depth"]), float(point["beta"]), float(point["distractor_sim"])
+    n_q = n_queries(variant, needles)
+    gen = torch.Generator(device="cpu").manual_seed(haystack_seed(seed, point))
+
+    q = torch.randn(b, h, n, d, generator=gen)
+    k = torch.randn(b, h, n, d, generator=gen)
+    v = torch.randn(b, h, n, d, generator=gen)
+    # Query directions: orthonormal, so in multiquery another query's needle looks like haystack.
+    u = torch.linalg.qr(torch.randn(b, h, d, n_q, generator=gen)).Q.transpose(-1, -2)  # (b, h, n_q, d)
+    codebook = torch.linalg.qr(torch.randn(b, h, d, d, generator=gen)).Q.transpose(-1, -2) * math.sqrt(d)
+    markers = torch.rand(b, h, d, generator=gen).argsort(dim=-1)[..., :needles]  # distinct codes per trial
+    pick = torch.rand(b * h, n, generator=gen)  # priorities for the distractor slots
+
+    slots = n - n_q
+    block = n_block(variant, needles)
+    start = needle_block_start(depth, slots, block)
+    needle_pos = torch.arange(start, start + block)
+    query_pos = torch.arange(slots, n)
+    q[:, :, query_pos] = math.sqrt(d) * u
+    z_needle = k[:, :, start].clone()  # the needle slot's own random key, before it is replaced
+
+    def code(idx: torch.Tensor) -> torch.Tensor:  # (b, h, m) indices -> (b, h, m, d) marker values
+        return torch.gather(codebook, 2, idx.unsqueeze(-1).expand(*idx.shape, d))
+
+    distractor_pos = torch.zeros(b, h, 0, dtype=torch.long)
+    distractor_marker = torch.zeros(b, h, 0, dtype=torch.long)
+    if variant == "single":
+        k[:, :, start] = _replace_along(z_needle, u[:, :, 0], beta)
+        v[:, :, start] = code(markers[..., :1])[:, :, 0]
+        target_pos, target_marker = needle_pos.view(1, 1), markers[..., :1].unsqueeze(2)
+    elif variant == "multikey":
+        k[:, :, start] = _replace_along(z_needle, u[:, :, 0], beta)
+        v[:, :, start] = code(markers[..., :1])[:, :, 0]
+        n_d = needles - 1
+        pick[:, start] = -1.0  # never on the needle, nor on a query
+        pick[:, slots:] = -1.0
+        distractor_pos = pick.topk(n_d, dim=-1).indices.view(b, h, n_d)
+        distractor_marker = markers[..., 1:]
+        gather_idx = distractor_pos.unsqueeze(-1).expand(b, h, n_d, d)
+        z_d = torch.gather(k, 2, gather_idx)
+        # Close to the needle key: a fraction `sim` of its logit and of its orthogonal noise.
+        mixed = sim * z_needle.unsqueeze(2) + math.sqrt(max(0.0, 1 - sim**2)) * z_d
+        k.scatter_(2, gather_idx, _replace_along(mixed, u[:, :, :1], sim * beta))
+        v.scatter_(2, gather_idx, code(distractor_marker))
+        target_pos, target_marker = needle_pos.view(1, 1), markers[..., :1].unsqueeze(2)
+    elif variant == "multivalue":
+        k[:, :, needle_pos] = _replace_along(z_needle, u[:, :, 0], beta).unsqueeze(2).expand(b, h, needles, d)
+        v[:, :, needle_pos] = code(markers)
+        target_pos, target_marker = needle_pos.view(1, needles), markers.unsqueeze(2)
+    elif variant == "multiquery":
+        k[:, :, needle_pos] = _replace_along(k[:, :, needle_pos], u, beta)
+        v[:, :, needle_pos] = code(markers)
+        target_pos, target_marker = needle_pos.view(needles, 1), markers.unsqueeze(-1)
+    else:
+        raise ValueError(f"unknown variant {variant!r}; choose from: {', '.join(VARIANTS)}")
+
+    dtype = torch_dtype(point["dtype"])
+    truth = NeedleTruth(
+        variant=variant,
+        query_pos=query_pos,
+        target_pos=target_pos,
+        target_marker=target_marker,
+        needle_pos=needle_pos,
+        distractor_pos=distractor_pos,
+        distractor_marker=distractor_marker,
+        codebook=codebook,
+    )
+    return Haystack(q.to(dtype), k.to(dtype), v.to(dtype), truth)
+
+
+def marker_scores(out: torch.Tensor, truth: NeedleTruth) -> torch.Tensor:
+    """(batch, heads, n_q, C): the output at each query projected on every code of the codebook."""
+    rows = out[:, :, truth.query_pos.to(out.device)].float()
+    return rows @ truth.codebook.to(out.device).transpose(-1, -2)
+
+
+def decode_query_hits(out: torch.Tensor, truth: NeedleTruth) -> torch.Tensor:
+    """(batch, heads, n_q) bool: each query's target markers are exactly its top-n_t decoded markers.
+
+    Written as "the weakest target beats the strongest non-target", so ties
+    (an output of zeros, say) are misses.
+    """
+    scores = marker_scores(out, truth)
+    markers = truth.target_marker.to(out.device)
+    weakest = scores.gather(-1, markers).amin(-1)
+    others = scores.scatter(-1, markers, float("-inf")).amax(-1)
+    return weakest > others
+
+
+def decode_hits(out: torch.Tensor, truth: NeedleTruth) -> torch.Tensor:
+    """(batch, heads) bool: one trial is a hit when every query of it retrieves all its targets."""
+    return decode_query_hits(out, truth).all(-1)
+
+
+def needle_cos(out: torch.Tensor, truth: NeedleTruth) -> torch.Tensor:
+    """(batch, heads, n_q, n_t): cos(output at the query, value of each target needle)."""
+    rows = out[:, :, truth.query_pos.to(out.device)].float().unsqueeze(3)  # (b, h, n_q, 1, d)
+    codebook = truth.codebook.to(out.device)
+    markers = truth.target_marker.to(out.device)
+    b, h, n_q, n_t = markers.shape
+    values = torch.gather(codebook, 2, markers.reshape(b, h, -1, 1).expand(-1, -1, -1, codebook.shape[-1]))
+    return torch.nn.functional.cosine_similarity(rows, values.view(b, h, n_q, n_t, -1), dim=-1)
+
+
+def target_mask(truth: NeedleTruth, n: int) -> torch.Tensor:
+    """(n_q, N) bool: the keys each query must retrieve."""
+    mask = torch.zeros(truth.n_queries, n, dtype=torch.bool)
+    mask.scatter_(1, truth.target_pos, True)
+    return mask
+
+
+def softmax_stats(q: torch.Tensor, k: torch.Tensor, truth: NeedleTruth, causal: bool) -> dict:
+    """What exact softmax makes of the cell, from q and k alone (fp64): the cell's difficulty.
+
+    needle_mass: attention mass on the query's target(s), summed over targets;
+    margin: weakest target logit minus the strongest competing visible logit
+    (haystack, distractors, other queries' needles), mean and min over trials.
+    """
+    n = k.shape[-2]
+    qpos = truth.query_pos.to(q.device)
+    rows = q[:, :, qpos].double()
+    logits = (rows @ k.double().transpose(-1, -2)) * default_scale(q.shape[-1])  # (b, h, n_q, N)
+    if causal:
+        visible = torch.arange(n, device=q.device).view(1, -1) <= qpos.view(-1, 1)
+        logits = logits.masked_fill(~visible, float("-inf"))
+    targets = target_mask(truth, n).to(q.device)
+    mass = (torch.softmax(logits, dim=-1) * targets).sum(-1)
+    weakest = logits.masked_fill(~targets, float("inf")).amin(-1)
+    strongest_other = logits.masked_fill(targets, float("-inf")).amax(-1)
+    margin = (weakest - strongest_other).amin(-1)  # a trial is as hard as its hardest query
+    return {
+        "needle_mass": float(mass.mean()),
+        "margin": float(margin.mean()),
+        "margin_min": float(margin.min()),
+    }
+
+
+def probe_values(truth: NeedleTruth, like: torch.Tensor) -> torch.Tensor:
+    """Values that read the method's own attention mass: 1 in channel i at query i's targets, 0 elsewhere."""
+    probe = torch.zeros_like(like)
+    for i in range(truth.n_queries):
+        probe[:, :, truth.target_pos[i].to(like.device), i] = 1.0
+    return probe
+
+
+_HAYSTACK_CACHE: dict[str, Haystack] = {}
+
+
+def haystack_for(point: dict, seed: int) -> Haystack:
+    """make_haystack, kept for the last point: every implementation of a point reuses it."""
+    key = json.dumps([seed, {k: point.get(k) for k in (*HAYSTACK_KEYS, "depth", "beta", "dtype")}], sort_keys=True)
+    if key not in _HAYSTACK_CACHE:
+        _HAYSTACK_CACHE.clear()
+        _HAYSTACK_CACHE[key] = make_haystack(point, seed)
+    return _HAYSTACK_CACHE[key]
+
+
+class NeedleTask(Task):
+    name = "needle"
+    description = "needle-in-a-haystack retrieval by the attention op (RULER-style variants), hit rate over context x depth"
+
+    def normalise_point(self, point: dict) -> dict | None:
+        point = dict(point)
+        point.setdefault("variant", "single")
+        point.setdefault("needles", 4)
+        point.setdefault("distractor_sim", 0.75)
+        point.setdefault("mode", "fwd")
+        if point["variant"] not in VARIANTS:
+            raise ValueError(f"unknown variant {point['variant']!r}; choose from: {', '.join(VARIANTS)}")
+        if point["mode"] != "fwd":
+            raise ValueError(f"the needle task measures the forward call only (mode=fwd), got mode={point['mode']}")
+        if point["variant"] == "single":
+            point["needles"] = 1  # so `single` cells do not differ by a key they ignore
+        point["kv_len"] = point["seq_len"]  # self-attention over the whole sequence
+        for key in ("batch", "heads", "seq_len", "head_dim", "needles"):
+            if int(point[key]) < 1:
+                raise ValueError(f"{key} must be >= 1, got {point[key]}")
+        if not 0.0 <= float(point["depth"]) <= 1.0:
+            raise ValueError(f"depth must be in [0, 1], got {point['depth']}")
+        if float(point["beta"]) < 0:
+            raise ValueError(f"beta must be >= 0, got {point['beta']}")
+        if not 0.0 <= float(point["distractor_sim"]) < 1.0:
+            raise ValueError(f"distractor_sim must be in [0, 1), got {point['distractor_sim']}")
+        needles = int(point["needles"])
+        if needles > int(point["head_dim"]):
+            raise ValueError(f"needles ({needles}) cannot exceed head_dim ({point['head_dim']}): markers are head_dim codes")
+        if int(point["seq_len"]) < 2 * needles + 1:
+            return None  # too short to hold the needles, the queries and any haystack
+        return point
+
+    def run_cell(self, cell: Cell, attn: Attention, ctx: RunContext) -> dict:
+        p = dict(cell.point)
+        causal = bool(p["causal"])
+        attn.capabilities.check(causal=causal, cross=False, mode="fwd", dtype=p["dtype"])
+        attn = attn.to(ctx.device)
+        hay = haystack_for(p, cell.seed)
+        q, k, v = (t.to(ctx.device) for t in (hay.q, hay.k, hay.v))
+        truth = hay.truth.to(ctx.device)
+        n_q = truth.n_queries
+        trials = q.shape[0] * q.shape[1]
+
+        with torch.no_grad():
+            out = attn(q, k, v, causal=causal)
+        check_finite(out)
+        row: dict = {}
+        if ctx.check_fidelity:
+            # The read rows are the last n_q tokens; the oracle's bottom-right causal alignment keeps them in place.
+            reference = oracle_attention(q[:, :, -n_q:], k, v, causal=causal, dtype=torch.float64)
+            row["fidelity_max_abs"], row["fidelity_rel"] = fidelity(out[:, :, -n_q:], reference)
+            if attn.exact:
+                check_exact(row["fidelity_rel"], p["dtype"])
+        hits = decode_hits(out, truth)
+        row.update(
+            accuracy=float(hits.float().mean()),
+            hits=int(hits.sum()),
+            trials=trials,
+            query_hit_rate=float(decode_query_hits(out, truth).float().mean()),
+            chance=chance_level(p["variant"], int(p["needles"]), truth.codebook.shape[-2]),
+            needle_cos=float(needle_cos(out, truth).mean()),
+            needle_pos=int(truth.needle_pos[0]),
+            n_queries=n_q,
+        )
+        del out
+        row.update(softmax_stats(q, k, truth, causal))
+        with torch.no_grad():
+            probed = attn(q, k, probe_values(truth, v), causal=causal)
+        channels = torch.arange(n_q, device=probed.device)
+        row["method_mass"] = float(probed[:, :, truth.query_pos, channels].float().mean())
+        del probed
+
+        shape = Shape(p["batch"], p["heads"], p["seq_len"], p["seq_len"], p["head_dim"], causal)
+        fn = torch.no_grad()(lambda: attn(q, k, v, causal=causal))
+        row.update(
+            measure_call(
+                fn, ctx.device, ctx.timing, attn.flops(shape, "fwd"), ctx.peak_tflops, measure_memory=ctx.measure_memory
+            )
+        )
+        row["state_bytes"] = attn.state_bytes(p["batch"], p["heads"], p["seq_len"], p["head_dim"], q.dtype)
+        return row
