@@ -74,22 +74,31 @@ def method_plan(cfg: Mapping, suite: Mapping) -> list[tuple[str, list[str], dict
     return plan
 
 
+def _sweep_blocks(entry) -> list[dict]:
+    """A suite's entry for a task is one block of sweep axes, or a list of blocks (their union):
+    e.g. forward up to 4096 tokens but forward+backward only up to 2048."""
+    if entry is None:
+        return [{}]
+    if isinstance(entry, Mapping):
+        return [dict(entry)]
+    return [dict(block or {}) for block in entry]
+
+
 def task_plan(cfg: Mapping, suite: Mapping, cli_task_keys: Sequence[str] = ()) -> list[tuple[str, dict, dict]]:
-    """(task, default point, sweep axes) triples."""
+    """(task, default point, sweep axes) triples, one per sweep block."""
     task_cfg = cfg.get("task")
     suite_tasks = dict(suite.get("tasks") or {})
     if task_cfg:
         name = task_cfg["name"]
         defaults = {k: v for k, v in task_cfg.items() if k != "name"}
-        axes = dict(suite_tasks.get(name) or {})
-        axes.update({k: defaults[k] for k in cli_task_keys if k in defaults})
-        return [(name, defaults, axes)]
+        cli = {k: defaults[k] for k in cli_task_keys if k in defaults}
+        return [(name, defaults, {**block, **cli}) for block in _sweep_blocks(suite_tasks.get(name))]
     if not suite_tasks:
         raise ValueError(f"name a task (task=...) or a suite that lists tasks; tasks: {', '.join(group_names('task'))}")
     out = []
-    for name, axes in suite_tasks.items():
+    for name, entry in suite_tasks.items():
         defaults = {k: v for k, v in load_group("task", name).items() if k != "name"}
-        out.append((name, defaults, dict(axes or {})))
+        out.extend((name, defaults, block) for block in _sweep_blocks(entry))
     return out
 
 
@@ -100,13 +109,12 @@ def plan_cells(cfg: DictConfig | Mapping, device: torch.device, hardware: str, c
         cfg = OmegaConf.to_container(cfg, resolve=True)
     suite = resolve_suite(cfg.get("suite") or {"name": "single"}, device)
     methods = method_plan(cfg, suite)
-    cells = []
+    cells: dict[str, Cell] = {}  # keyed by cell_id: overlapping sweep blocks measure a cell once
     for task_name, defaults, axes in task_plan(cfg, suite, cli_task_keys):
         task = get_task(task_name)
         for point in task.points(defaults, axes):
             for method, impls, params in methods:
                 for impl in impls:
-                    cells.append(
-                        Cell(method, impl, task_name, hardware, point, params, int(cfg.get("seed", 0)), suite["name"])
-                    )
-    return cells
+                    cell = Cell(method, impl, task_name, hardware, point, params, int(cfg.get("seed", 0)), suite["name"])
+                    cells.setdefault(cell.cell_id, cell)
+    return list(cells.values())

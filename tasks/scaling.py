@@ -67,6 +67,9 @@ class ScalingTask(Task):
     def normalise_point(self, point: dict) -> dict | None:
         point = dict(point)
         point.setdefault("input_dist", "gaussian")
+        tokens = point.pop("tokens", None)
+        if tokens:  # a fixed token budget per batch, as FlashAttention's benchmarks use (16k)
+            point["batch"] = max(1, int(tokens) // int(point["seq_len"]))
         if point.get("kv_len") in (None, "same"):
             point["kv_len"] = point["seq_len"]
         if point["mode"] == "decode":

@@ -67,3 +67,18 @@ def test_expand_points_product_and_scalars():
     pts = list(expand_points({"a": 1, "b": [1, 2]}, {"c": [3, 4], "a": 5}))
     assert len(pts) == 4 and all(p["a"] == 5 for p in pts)
     assert {(p["b"], p["c"]) for p in pts} == {(1, 3), (1, 4), (2, 3), (2, 4)}
+
+
+def test_sweep_blocks_are_a_union_without_duplicates():
+    cells = cells_for("method=softmax", "impl=sdpa", "suite=cpu", "task=scaling")
+    fwd_bwd = {c.point["seq_len"] for c in cells if c.point["mode"] == "fwd_bwd"}
+    fwd = {c.point["seq_len"] for c in cells if c.point["mode"] == "fwd"}
+    assert fwd == {256, 512, 1024, 2048, 4096} and fwd_bwd == {256, 512, 1024, 2048}
+    assert len({c.cell_id for c in cells}) == len(cells)
+
+
+def test_token_budget_sets_batch():
+    cells = cells_for("method=softmax", "impl=sdpa", "task=scaling", "task.tokens=4096", "task.seq_len=[512,1024]",
+                      cli_task_keys=("tokens", "seq_len"))
+    assert {(c.point["seq_len"], c.point["batch"]) for c in cells} == {(512, 8), (1024, 4)}
+    assert all("tokens" not in c.point for c in cells)
