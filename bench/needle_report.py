@@ -1,0 +1,160 @@
+"""Views of the `needle` task's rows: heat maps (depth x context length) and a Markdown table.
+
+The heat maps follow the needle-in-a-haystack plots users know (gkamradt's
+test, RULER): context length across, needle depth down (0% = first token at
+the top), colour = hit rate from red (0) to green (1), every cell annotated.
+A cell that has no `ok` row shows its status (oom, unsupported, ...) on grey,
+so a missing result is never mistaken for a miss.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+# One figure / table row per method, impl and variant; these keys split further only where they vary,
+# so a beta sweep or a causal sweep never gets averaged into one number.
+GROUP_KEYS = ("method", "impl", "variant")
+SETTING_KEYS = ("causal", "beta", "dtype", "head_dim", "needles", "distractor_sim", "batch", "heads")
+HEATMAP_COLOURS = ("#F0496E", "#EBB839", "#0CD79F")  # the red-yellow-green of the needle plots
+
+
+def _needle_rows(df: pd.DataFrame) -> pd.DataFrame:
+    if df is None or df.empty or "task" not in df.columns:
+        return pd.DataFrame()
+    rows = df[df["task"] == "needle"].copy()
+    for key in (*GROUP_KEYS, *SETTING_KEYS, "depth", "seq_len", "status", "accuracy"):
+        if key not in rows.columns:
+            rows[key] = None
+    rows["variant"] = rows["variant"].fillna("single")
+    return rows
+
+
+def _varying(rows: pd.DataFrame) -> list[str]:
+    """Setting keys with more than one value among the rows (only those split figures and table rows)."""
+    return [k for k in SETTING_KEYS if rows[k].astype(str).nunique(dropna=False) > 1]
+
+
+def format_length(n: int) -> str:
+    """256, 1K, 128K: the context-length labels of the needle plots."""
+    n = int(n)
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _hit_rate(cell: pd.DataFrame) -> float | None:
+    """Hit rate of a group of rows: pooled over trials where `hits`/`trials` exist, else the mean accuracy."""
+    ok = cell[cell["status"] == "ok"]
+    if ok.empty:
+        return None
+    if {"hits", "trials"} <= set(ok.columns) and ok["trials"].notna().all() and ok["trials"].sum() > 0:
+        return float(ok["hits"].sum() / ok["trials"].sum())
+    values = ok["accuracy"].dropna()
+    return float(values.mean()) if not values.empty else None
+
+
+def _status_label(cell: pd.DataFrame) -> str:
+    """The most common status of rows that are not ok, for a cell with no ok row."""
+    statuses = cell["status"].dropna()
+    return str(statuses.mode().iloc[0]) if not statuses.empty else "n/a"
+
+
+def _groups(rows: pd.DataFrame):
+    keys = [*GROUP_KEYS, *_varying(rows)]
+    for values, group in rows.groupby(keys, dropna=False, sort=True):
+        yield dict(zip(keys, values, strict=True)), group
+
+
+def _setting_text(key: dict) -> str:
+    return " ".join(f"{k}={key[k]}" for k in key if k not in GROUP_KEYS)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")
+
+
+def needle_heatmaps(df: pd.DataFrame, out_dir: Path | str) -> list[Path]:
+    """One PNG per method/impl/variant (and per setting that varies): depth down, context length across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LinearSegmentedColormap
+
+    rows = _needle_rows(df)
+    if rows.empty:
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmap = LinearSegmentedColormap.from_list("needle", list(HEATMAP_COLOURS))
+    cmap.set_bad("#D9D9D9")
+    paths = []
+    for key, group in _groups(rows):
+        lengths = sorted(int(n) for n in group["seq_len"].dropna().unique())
+        depths = sorted(float(d) for d in group["depth"].dropna().unique())
+        if not lengths or not depths:
+            continue
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        labels = [["" for _ in lengths] for _ in depths]
+        for i, depth in enumerate(depths):
+            for j, n in enumerate(lengths):
+                cell = group[(group["depth"].astype(float) == depth) & (group["seq_len"].astype(int) == n)]
+                if cell.empty:
+                    continue
+                rate = _hit_rate(cell)
+                if rate is None:
+                    labels[i][j] = _status_label(cell)
+                else:
+                    grid[i, j] = rate
+                    labels[i][j] = f"{rate:.2f}"
+        width = max(4.5, 1.0 + 0.85 * len(lengths))
+        height = max(3.0, 1.2 + 0.45 * len(depths))
+        fig, ax = plt.subplots(figsize=(width, height))
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                if labels[i][j]:
+                    ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=8, color="black")
+        ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{100 * d:g}%" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        title = f"{key['method']}/{key['impl']}: needle ({key['variant']})"
+        setting = _setting_text(key)
+        ax.set_title(title + (f"\n{setting}" if setting else ""), fontsize=10)
+        fig.colorbar(image, ax=ax, label="hit rate", fraction=0.046, pad=0.04)
+        fig.tight_layout()
+        name = _slug("needle_" + "_".join(str(key[k]) for k in GROUP_KEYS) + (f"_{setting}" if setting else ""))
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def needle_table(df: pd.DataFrame) -> str:
+    """Markdown: one row per method/impl/variant (and varying setting), one column per context length.
+
+    Each entry is the hit rate pooled over depths (and seeds); a length with no
+    ok row shows its status instead.
+    """
+    rows = _needle_rows(df)
+    if rows.empty:
+        return "_no needle rows_\n"
+    lengths = sorted(int(n) for n in rows["seq_len"].dropna().unique())
+    varying = _varying(rows)
+    header = [*GROUP_KEYS, *varying, *(format_length(n) for n in lengths)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * (len(header) - len(lengths)) + ["---:"] * len(lengths)) + "|"]
+    for key, group in _groups(rows):
+        entries = [str(key[k]) for k in (*GROUP_KEYS, *varying)]
+        for n in lengths:
+            cell = group[group["seq_len"].astype(int) == n]
+            if cell.empty:
+                entries.append("")
+                continue
+            rate = _hit_rate(cell)
+            entries.append(_status_label(cell) if rate is None else f"{rate:.2f}")
+        lines.append("| " + " | ".join(entries) + " |")
+    return "\n".join(lines) + "\n"
