@@ -33,8 +33,10 @@ def _needle_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _varying(rows: pd.DataFrame) -> list[str]:
-    """Setting keys with more than one value among the rows (only those split figures and table rows)."""
-    return [k for k in SETTING_KEYS if rows[k].astype(str).nunique(dropna=False) > 1]
+    """Setting keys with more than one value within some method/impl/variant (only those split figures and
+    table rows; `needles`, say, is 1 for `single` and 4 for `multikey`, which splits nothing)."""
+    groups = rows.groupby(list(GROUP_KEYS), dropna=False)
+    return [k for k in SETTING_KEYS if (groups[k].agg(lambda s: s.astype(str).nunique(dropna=False)) > 1).any()]
 
 
 def format_length(n: int) -> str:
@@ -88,8 +90,7 @@ def needle_heatmaps(df: pd.DataFrame, out_dir: Path | str) -> list[Path]:
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmap = LinearSegmentedColormap.from_list("needle", list(HEATMAP_COLOURS))
-    cmap.set_bad("#D9D9D9")
+    cmap = LinearSegmentedColormap.from_list("needle", list(HEATMAP_COLOURS)).with_extremes(bad="#D9D9D9")
     paths = []
     for key, group in _groups(rows):
         lengths = sorted(int(n) for n in group["seq_len"].dropna().unique())
@@ -146,7 +147,10 @@ def needle_table(df: pd.DataFrame) -> str:
     lengths = sorted(int(n) for n in rows["seq_len"].dropna().unique())
     varying = _varying(rows)
     header = [*GROUP_KEYS, *varying, *(format_length(n) for n in lengths)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * (len(header) - len(lengths)) + ["---:"] * len(lengths)) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * (len(header) - len(lengths)) + ["---:"] * len(lengths)) + "|",
+    ]
     for key, group in _groups(rows):
         entries = [str(key[k]) for k in (*GROUP_KEYS, *varying)]
         for n in lengths:

@@ -8,7 +8,10 @@ import importlib
 from methods.base import Attention, Capabilities, Shape, Unsupported
 from methods.registry import METHODS, UnknownName, build, get_impl, get_method, unavailable_reason
 
-METHOD_MODULES = ("methods.softmax",)
+METHOD_MODULES = (
+    "methods.softmax", "methods.deltanet", "methods.lowrank", "methods.linear_attention",
+    "methods.sparse_patterns", "methods.bigbird", "methods.sparse_selection", "methods.hyperattention", "methods.memory_efficient",
+)
 
 for _module in METHOD_MODULES:
     importlib.import_module(_module)

@@ -45,14 +45,14 @@ class Capabilities:
         why = self.note and f" ({self.note})"
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from: {', '.join(MODES)}")
+        if mode == "decode" and not self.decode:
+            raise Unsupported(f"decode is not supported{why}")
         if causal and not self.causal:
             raise Unsupported(f"causal attention is not supported{why}")
         if not causal and not self.non_causal:
             raise Unsupported(f"non-causal attention is not supported{why}")
         if cross and not self.cross:
             raise Unsupported(f"query length != key length is not supported{why}")
-        if mode == "decode" and not self.decode:
-            raise Unsupported(f"decode is not supported{why}")
         if mode in ("bwd", "fwd_bwd") and not self.backward:
             raise Unsupported(f"backward is not supported{why}")
         if dtype not in self.dtypes:

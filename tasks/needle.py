@@ -142,26 +142,60 @@ def _replace_along(z: torch.Tensor, u: torch.Tensor, amount: float | torch.Tenso
     return z - (z * u).sum(-1, keepdim=True) * u + amount * u
 
 
-def make_haystack(point: dict, seed: int) -> Haystack:
-    """The point's haystack and its ground truth, on the CPU, in the point's dtype.
+@dataclass
+class _Draws:
+    """Every random draw of a haystack; depth and beta only decide where and how strongly the needle is planted."""
 
-    Random draws come in a fixed order that does not depend on depth or beta,
-    so those two only move and scale the needle (see the module docstring).
-    """
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    u: torch.Tensor  # (b, h, n_q, d) orthonormal query directions
+    codebook: torch.Tensor  # (b, h, d, d)
+    markers: torch.Tensor  # (b, h, needles) distinct code indices per trial
+    pick: torch.Tensor  # (b * h, N) priorities for the distractor slots
+
+
+_DRAWS_CACHE: dict[str, _Draws] = {}
+
+
+def _draws(point: dict, seed: int) -> _Draws:
+    """The random draws, in a fixed order, kept for the last haystack key (a sweep over depth and beta
+    redraws nothing: at 128K tokens the draws cost far more than planting a needle). Never mutated."""
+    key = json.dumps([haystack_seed(seed, point), {k: point.get(k) for k in HAYSTACK_KEYS}], sort_keys=True)
+    if key in _DRAWS_CACHE:
+        return _DRAWS_CACHE[key]
+    _DRAWS_CACHE.clear()
     b, h, n, d = (int(point[key]) for key in ("batch", "heads", "seq_len", "head_dim"))
-    variant, needles = point["variant"], int(point["needles"])
-    depth, beta, sim = float(point["depth"]), float(point["beta"]), float(point["distractor_sim"])
-    n_q = n_queries(variant, needles)
+    needles = int(point["needles"])
+    n_q = n_queries(point["variant"], needles)
     gen = torch.Generator(device="cpu").manual_seed(haystack_seed(seed, point))
-
     q = torch.randn(b, h, n, d, generator=gen)
     k = torch.randn(b, h, n, d, generator=gen)
     v = torch.randn(b, h, n, d, generator=gen)
     # Query directions: orthonormal, so in multiquery another query's needle looks like haystack.
-    u = torch.linalg.qr(torch.randn(b, h, d, n_q, generator=gen)).Q.transpose(-1, -2)  # (b, h, n_q, d)
+    u = torch.linalg.qr(torch.randn(b, h, d, n_q, generator=gen)).Q.transpose(-1, -2)
     codebook = torch.linalg.qr(torch.randn(b, h, d, d, generator=gen)).Q.transpose(-1, -2) * math.sqrt(d)
-    markers = torch.rand(b, h, d, generator=gen).argsort(dim=-1)[..., :needles]  # distinct codes per trial
-    pick = torch.rand(b * h, n, generator=gen)  # priorities for the distractor slots
+    markers = torch.rand(b, h, d, generator=gen).argsort(dim=-1)[..., :needles]
+    pick = torch.rand(b * h, n, generator=gen)
+    _DRAWS_CACHE[key] = _Draws(q, k, v, u, codebook, markers, pick)
+    return _DRAWS_CACHE[key]
+
+
+def make_haystack(point: dict, seed: int) -> Haystack:
+    """The point's haystack and its ground truth, on the CPU, in the point's dtype.
+
+    The random draws do not depend on depth or beta, so those two only move
+    and scale the needle (see the module docstring).
+    """
+    b, h, n, d = (int(point[key]) for key in ("batch", "heads", "seq_len", "head_dim"))
+    variant, needles = point["variant"], int(point["needles"])
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from: {', '.join(VARIANTS)}")
+    depth, beta, sim = float(point["depth"]), float(point["beta"]), float(point["distractor_sim"])
+    n_q = n_queries(variant, needles)
+    draws = _draws(point, seed)
+    q, k, v = draws.q.clone(), draws.k.clone(), draws.v.clone()
+    u, codebook, markers = draws.u, draws.codebook, draws.markers
 
     slots = n - n_q
     block = n_block(variant, needles)
@@ -184,6 +218,7 @@ def make_haystack(point: dict, seed: int) -> Haystack:
         k[:, :, start] = _replace_along(z_needle, u[:, :, 0], beta)
         v[:, :, start] = code(markers[..., :1])[:, :, 0]
         n_d = needles - 1
+        pick = draws.pick.clone()
         pick[:, start] = -1.0  # never on the needle, nor on a query
         pick[:, slots:] = -1.0
         distractor_pos = pick.topk(n_d, dim=-1).indices.view(b, h, n_d)
@@ -199,12 +234,10 @@ def make_haystack(point: dict, seed: int) -> Haystack:
         k[:, :, needle_pos] = _replace_along(z_needle, u[:, :, 0], beta).unsqueeze(2).expand(b, h, needles, d)
         v[:, :, needle_pos] = code(markers)
         target_pos, target_marker = needle_pos.view(1, needles), markers.unsqueeze(2)
-    elif variant == "multiquery":
+    else:  # multiquery
         k[:, :, needle_pos] = _replace_along(k[:, :, needle_pos], u, beta)
         v[:, :, needle_pos] = code(markers)
         target_pos, target_marker = needle_pos.view(needles, 1), markers.unsqueeze(-1)
-    else:
-        raise ValueError(f"unknown variant {variant!r}; choose from: {', '.join(VARIANTS)}")
 
     dtype = torch_dtype(point["dtype"])
     truth = NeedleTruth(
@@ -262,7 +295,7 @@ def target_mask(truth: NeedleTruth, n: int) -> torch.Tensor:
 
 
 def softmax_stats(q: torch.Tensor, k: torch.Tensor, truth: NeedleTruth, causal: bool) -> dict:
-    """What exact softmax makes of the cell, from q and k alone (fp64): the cell's difficulty.
+    """What exact softmax makes of the cell, from q and k alone: the cell's difficulty.
 
     needle_mass: attention mass on the query's target(s), summed over targets;
     margin: weakest target logit minus the strongest competing visible logit
@@ -270,8 +303,9 @@ def softmax_stats(q: torch.Tensor, k: torch.Tensor, truth: NeedleTruth, causal: 
     """
     n = k.shape[-2]
     qpos = truth.query_pos.to(q.device)
-    rows = q[:, :, qpos].double()
-    logits = (rows @ k.double().transpose(-1, -2)) * default_scale(q.shape[-1])  # (b, h, n_q, N)
+    rows = q[:, :, qpos].float()
+    # fp32 products (an fp64 copy of k would cost gigabytes at 128K tokens), fp64 from the logits on.
+    logits = ((rows @ k.float().transpose(-1, -2)) * default_scale(q.shape[-1])).double()  # (b, h, n_q, N)
     if causal:
         visible = torch.arange(n, device=q.device).view(1, -1) <= qpos.view(-1, 1)
         logits = logits.masked_fill(~visible, float("-inf"))
@@ -298,18 +332,22 @@ def probe_values(truth: NeedleTruth, like: torch.Tensor) -> torch.Tensor:
 _HAYSTACK_CACHE: dict[str, Haystack] = {}
 
 
-def haystack_for(point: dict, seed: int) -> Haystack:
-    """make_haystack, kept for the last point: every implementation of a point reuses it."""
-    key = json.dumps([seed, {k: point.get(k) for k in (*HAYSTACK_KEYS, "depth", "beta", "dtype")}], sort_keys=True)
+def haystack_for(point: dict, seed: int, device: torch.device | str = "cpu") -> Haystack:
+    """make_haystack on `device`, kept for the last point: every implementation of a point reuses it."""
+    keys = {k: point.get(k) for k in (*HAYSTACK_KEYS, "depth", "beta", "dtype")}
+    key = json.dumps([seed, keys, str(device)], sort_keys=True)
     if key not in _HAYSTACK_CACHE:
         _HAYSTACK_CACHE.clear()
-        _HAYSTACK_CACHE[key] = make_haystack(point, seed)
+        hay = make_haystack(point, seed)
+        _HAYSTACK_CACHE[key] = Haystack(*(t.to(device) for t in (hay.q, hay.k, hay.v)), hay.truth.to(device))
     return _HAYSTACK_CACHE[key]
 
 
 class NeedleTask(Task):
     name = "needle"
-    description = "needle-in-a-haystack retrieval by the attention op (RULER-style variants), hit rate over context x depth"
+    description = (
+        "needle-in-a-haystack retrieval by the attention op (RULER-style variants), hit rate over context x depth"
+    )
 
     def normalise_point(self, point: dict) -> dict | None:
         point = dict(point)
@@ -335,7 +373,9 @@ class NeedleTask(Task):
             raise ValueError(f"distractor_sim must be in [0, 1), got {point['distractor_sim']}")
         needles = int(point["needles"])
         if needles > int(point["head_dim"]):
-            raise ValueError(f"needles ({needles}) cannot exceed head_dim ({point['head_dim']}): markers are head_dim codes")
+            raise ValueError(
+                f"needles ({needles}) cannot exceed head_dim ({point['head_dim']}): markers are head_dim codes"
+            )
         if int(point["seq_len"]) < 2 * needles + 1:
             return None  # too short to hold the needles, the queries and any haystack
         return point
@@ -345,9 +385,8 @@ class NeedleTask(Task):
         causal = bool(p["causal"])
         attn.capabilities.check(causal=causal, cross=False, mode="fwd", dtype=p["dtype"])
         attn = attn.to(ctx.device)
-        hay = haystack_for(p, cell.seed)
-        q, k, v = (t.to(ctx.device) for t in (hay.q, hay.k, hay.v))
-        truth = hay.truth.to(ctx.device)
+        hay = haystack_for(p, cell.seed, ctx.device)
+        q, k, v, truth = hay.q, hay.k, hay.v, hay.truth
         n_q = truth.n_queries
         trials = q.shape[0] * q.shape[1]
 

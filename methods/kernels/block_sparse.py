@@ -1,0 +1,518 @@
+"""Block-sparse FlashAttention forward in Triton: the one kernel every sparse-softmax method runs on.
+
+`flash_fwd.py` walks every key block of a query tile; this kernel walks only
+the key blocks a per-tile list names, FlexAttention BlockMask style
+(`methods/sparse_layout.py` builds the lists). One program owns one query
+tile of one (batch, head) and folds three lists into the same online-softmax
+state (running max `m_i`, running sum `l_i`, fp32 accumulator `acc`):
+
+1. **full** blocks: every element is visible; no mask and no bounds check
+   (the hot loop is flash_fwd's unmasked loop);
+2. **edge** blocks: whole blocks the pattern keeps (BigBird's random and
+   window blocks, block top-k's picks) cut only by the causal diagonal or the
+   end of the keys;
+3. **partial** blocks: the pattern's token-level terms are evaluated element
+   by element. A Python `mask_mod` cannot run inside Triton, so the terms are
+   parametric, switched on by constexpr flags (dead terms compile away):
+   `BAND` (`p - left <= j <= p + right`), `SINKS` (`j < n_sinks`),
+   `LOCAL` (`j // local == p // local`) and `COLUMNS`
+   (`j % stride >= stride - summary`), OR-ed together, AND-ed with causality
+   and the key bound. `methods/masks.py` holds the same predicates as
+   mask_mods, and the tests hold one against the other.
+
+Positions are bottom-right aligned as everywhere in attnbench (query `i` is
+position `i + n_k - n_q`), and query tiles are aligned on *positions*
+(`first_pos` is a multiple of `BLOCK_M`), so a tile is exactly one pattern
+block even for cross shapes; rows before the first or after the last query
+are loaded as zeros and never stored. Rows that see no key output exactly 0
+and, when asked, a log-sum-exp of -inf.
+
+`gather_attention` is the companion for per-query key sets (exact top-k,
+HyperAttention's sampled columns, decode steps over selected cache entries):
+each query row loads its own list of key indices, so it cannot use tensor
+cores; it computes scores as row-wise dot products, FlashDecoding style.
+
+Both kernels are forward-only. Under Triton's interpreter (`TRITON_INTERPRET=1`)
+they run on CPU tensors for the tests; see flash_fwd.py for `DOT_FP32`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from methods.kernels.flash_fwd import _LOG2E, _check_inputs, _interpreting
+from methods.sparse_layout import BlockLayout, TokenTerms
+
+__all__ = ["block_sparse_attention", "gather_attention", "kernel_tiles"]
+
+
+@triton.jit
+def _fold_blocks(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    idx_ptr,
+    stride_e,
+    num,
+    pos_m,
+    offs_d,
+    n_k,
+    qk_scale,
+    band_left,
+    band_right,
+    n_sinks,
+    local,
+    col_stride,
+    col_first,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    PATTERN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    SINKS: tl.constexpr,
+    LOCAL: tl.constexpr,
+    COLUMNS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """Fold the `num` key blocks listed at `idx_ptr` into `(acc, l_i, m_i)`.
+
+    MASKED=False is the full-block loop (lists are processed full first, so
+    every row's max is finite before a masked block can leave it at -inf).
+    """
+    offs_n_base = tl.arange(0, BLOCK_N)
+    d_mask = offs_d < HEAD_DIM
+    for e in range(0, num):
+        kb = tl.load(idx_ptr + e * stride_e)
+        start_n = kb * BLOCK_N
+        offs_n = start_n + offs_n_base
+        k_ptrs = (
+            k_base + start_n.to(tl.int64) * stride_kn + offs_n_base[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        )
+        v_ptrs = (
+            v_base + start_n.to(tl.int64) * stride_vn + offs_n_base[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        )
+        if MASKED:
+            kv_mask = (offs_n[:, None] < n_k) & d_mask[None, :]
+        else:
+            kv_mask = d_mask[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        if DOT_FP32:
+            qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = qk * qk_scale
+
+        if MASKED:
+            keep = offs_n[None, :] < n_k
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= pos_m[:, None])
+            if PATTERN:
+                hit = offs_n[None, :] < 0  # the empty union, OR-ed with each enabled term
+                if BAND:
+                    hit = hit | (
+                        (offs_n[None, :] >= pos_m[:, None] - band_left)
+                        & (offs_n[None, :] <= pos_m[:, None] + band_right)
+                    )
+                if SINKS:
+                    hit = hit | (offs_n[None, :] < n_sinks)
+                if LOCAL:
+                    # Triton's // truncates; a negative position is in no key's block (keys are >= 0).
+                    q_blk = tl.where(pos_m >= 0, pos_m // local, -1)
+                    hit = hit | ((offs_n // local)[None, :] == q_blk[:, None])
+                if COLUMNS:
+                    hit = hit | ((offs_n % col_stride)[None, :] >= col_first)
+                keep = keep & hit
+            qk = tl.where(keep, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_sub = m_new
+
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    Num,
+    Idx,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_lz,
+    stride_lh,
+    stride_lm,
+    stride_nl,
+    stride_nz,
+    stride_nh,
+    stride_nt,
+    stride_il,
+    stride_iz,
+    stride_ih,
+    stride_it,
+    stride_ie,
+    n_heads,
+    n_q,
+    n_k,
+    q_start,
+    first_pos,
+    qk_scale,
+    band_left,
+    band_right,
+    n_sinks,
+    local,
+    col_stride,
+    col_first,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BAND: tl.constexpr,
+    SINKS: tl.constexpr,
+    LOCAL: tl.constexpr,
+    COLUMNS: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """One query tile of one (batch, head): grid is `(n_tiles, batch * heads)`."""
+    tile = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_z = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    q_base = Q + off_z * stride_qz + off_h * stride_qh
+    k_base = K + off_z * stride_kz + off_h * stride_kh
+    v_base = V + off_z * stride_vz + off_h * stride_vh
+    o_base = Out + off_z * stride_oz + off_h * stride_oh
+
+    pos_m = first_pos + tile * BLOCK_M + tl.arange(0, BLOCK_M)  # absolute positions of the tile's rows
+    offs_m = pos_m - q_start  # their query indices
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = (offs_m >= 0) & (offs_m < n_q)
+    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    num_base = Num + off_z * stride_nz + off_h * stride_nh + tile * stride_nt
+    idx_base = Idx + off_z * stride_iz + off_h * stride_ih + tile * stride_it
+    for kind in tl.static_range(3):  # 0 full, 1 edge, 2 partial
+        n_blocks = tl.load(num_base + kind * stride_nl)
+        acc, l_i, m_i = _fold_blocks(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            idx_base + kind * stride_il, stride_ie, n_blocks, pos_m, offs_d, n_k, qk_scale,
+            band_left, band_right, n_sinks, local, col_stride, col_first,
+            HEAD_DIM, BLOCK_N, kind > 0, kind == 2, CAUSAL, BAND, SINKS, LOCAL, COLUMNS, DOT_FP32,
+        )  # fmt: skip
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
+    if HAS_LSE:
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        l_ptrs = Lse + off_z * stride_lz + off_h * stride_lh + offs_m.to(tl.int64) * stride_lm
+        tl.store(l_ptrs, lse, mask=row_ok)
+
+
+@triton.jit
+def _gather_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    Idx,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_lz,
+    stride_lh,
+    stride_lm,
+    stride_iz,
+    stride_ih,
+    stride_im,
+    stride_is,
+    n_heads,
+    n_q,
+    n_k,
+    n_sel,
+    qk_scale,
+    excl_block,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EXCLUDE_OWN_BLOCK: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+):
+    """BLOCK_M query rows of one (batch, head), each over its own `n_sel` key indices (-1 = none)."""
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_z = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    k_base = K + off_z * stride_kz + off_h * stride_kh
+    v_base = V + off_z * stride_vz + off_h * stride_vh
+    idx_base = Idx + off_z * stride_iz + off_h * stride_ih
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s_base = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < n_q
+    d_mask = offs_d < HEAD_DIM
+    q_mask = row_ok[:, None] & d_mask[None, :]
+    q_ptrs = (
+        Q
+        + off_z * stride_qz
+        + off_h * stride_qh
+        + offs_m[:, None].to(tl.int64) * stride_qm
+        + offs_d[None, :] * stride_qd
+    )
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, n_sel, BLOCK_N):
+        offs_s = start + offs_s_base
+        i_ptrs = idx_base + offs_m[:, None].to(tl.int64) * stride_im + offs_s[None, :] * stride_is
+        idx = tl.load(i_ptrs, mask=row_ok[:, None] & (offs_s[None, :] < n_sel), other=-1)
+        valid = (idx >= 0) & (idx < n_k)
+        if EXCLUDE_OWN_BLOCK:
+            # HyperAttention's sampled columns skip the keys the row's own block already covers.
+            valid = valid & ((idx // excl_block) != (offs_m // excl_block)[:, None])
+        kv_mask = valid[:, :, None] & d_mask[None, None, :]
+        row_off = idx.to(tl.int64)[:, :, None]
+        k = tl.load(k_base + row_off * stride_kn + offs_d[None, None, :] * stride_kd, mask=kv_mask, other=0.0)
+        s = tl.sum(q[:, None, :] * k.to(tl.float32), 2) * qk_scale
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + row_off * stride_vn + offs_d[None, None, :] * stride_vd, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), 1)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = (
+        Out
+        + off_z * stride_oz
+        + off_h * stride_oh
+        + offs_m[:, None].to(tl.int64) * stride_om
+        + offs_d[None, :] * stride_od
+    )
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
+    if HAS_LSE:
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(Lse + off_z * stride_lz + off_h * stride_lh + offs_m.to(tl.int64) * stride_lm, lse, mask=row_ok)
+
+
+def kernel_tiles(n_q: int, n_k: int, head_dim: int, pattern_block: int | None = None) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): 64 x 64 as flash_fwd, shrunk for short inputs and for head_dim 256 on the GPU.
+
+    With a block-level pattern the tiles must divide its block, so the block
+    must be a power of two >= 16 (`tl.dot`'s smallest operand).
+    """
+    block_m = min(64, max(16, triton.next_power_of_2(max(n_q, 1))))
+    block_n = min(64, max(16, triton.next_power_of_2(max(n_k, 1))))
+    if head_dim > 128 and not _interpreting():
+        block_n = min(block_n, 32)
+    if pattern_block is not None:
+        if pattern_block < 16 or pattern_block & (pattern_block - 1):
+            raise ValueError(f"the block-sparse kernel needs a power-of-two block >= 16, got {pattern_block}")
+        block_m, block_n = min(block_m, pattern_block), min(block_n, pattern_block)
+    return block_m, block_n
+
+
+def _broadcast_strides(t: torch.Tensor) -> list[int]:
+    """Strides with 0 for size-1 dims, so a layout shared by every batch or head broadcasts."""
+    return [0 if size == 1 else stride for size, stride in zip(t.shape, t.stride(), strict=True)]
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool,
+    terms: TokenTerms | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    out_dtype: torch.dtype | None = None,
+):
+    """softmax(q k^T * scale) v over the blocks `layout` lists, with `terms` as the element mask of partial blocks.
+
+    Args:
+        q: (batch, heads, n_q, head_dim); k, v: (batch, heads, n_k, head_dim); any strides.
+        layout: from `methods.sparse_layout.build_layout` on a grid of this call's shape.
+        causal: bottom-right causal mask on edge and partial blocks (full blocks are causally visible by construction).
+        terms: the token-level pattern evaluated in partial blocks.
+        return_lse: also return the natural log-sum-exp per query, (batch, heads, n_q) float32.
+        out_dtype: dtype of the output (default q's); float32 keeps partial results exact enough to merge.
+
+    Returns:
+        A tensor like `q` (and the lse). Rows that see no key are 0 (lse -inf).
+    """
+    _check_inputs(q, k, v)
+    batch, heads, n_q, head_dim = q.shape
+    n_k = k.shape[2]
+    grid = layout.grid
+    if (grid.n_q, grid.n_k) != (n_q, n_k):
+        raise ValueError(f"layout is for n_q={grid.n_q}, n_k={grid.n_k}; inputs have n_q={n_q}, n_k={n_k}")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    out = torch.zeros(q.shape, dtype=out_dtype or q.dtype, device=q.device)
+    lse = torch.full((batch, heads, n_q), float("-inf"), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or n_k == 0:
+        return (out, lse) if return_lse else out
+    terms = terms or TokenTerms()
+
+    layout = layout.to(q.device)
+    width = max(t.shape[-1] for t in (layout.full_idx, layout.edge_idx, layout.part_idx))
+    pad = [
+        torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=-1)
+        for t in (layout.full_idx, layout.edge_idx, layout.part_idx)
+    ]
+    shape = torch.broadcast_shapes(*(t.shape[:3] for t in pad))
+    idx = torch.stack([t.expand(*shape, width) for t in pad]).contiguous()
+    num = torch.stack([t.expand(shape) for t in (layout.full_num, layout.edge_num, layout.part_num)]).contiguous()
+
+    band_left, band_right = terms.band or (0, 0)
+    col_stride, col_summary = terms.columns or (1, 0)
+    dot_fp32 = _interpreting() or q.dtype == torch.float32
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    _block_sparse_fwd_kernel[(grid.n_tiles, batch * heads)](
+        q, k, v, out, lse, num, idx,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *_broadcast_strides(num), *_broadcast_strides(idx),
+        heads, n_q, n_k, grid.q_start, grid.first_tile * grid.block_m, scale * _LOG2E,
+        band_left, band_right, terms.sinks, max(terms.local, 1), col_stride, col_stride - col_summary,
+        HEAD_DIM=head_dim,
+        BLOCK_M=grid.block_m,
+        BLOCK_N=grid.block_n,
+        BLOCK_D=block_d,
+        CAUSAL=bool(causal),
+        BAND=terms.band is not None,
+        SINKS=terms.sinks > 0,
+        LOCAL=terms.local > 0,
+        COLUMNS=bool(terms.columns),
+        HAS_LSE=return_lse,
+        DOT_FP32=dot_fp32,
+        num_warps=8 if block_d >= 128 else 4,
+        num_stages=2,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+def gather_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    scale: float | None = None,
+    exclude_block: int = 0,
+    return_lse: bool = False,
+    out_dtype: torch.dtype | None = None,
+):
+    """Each query row attends to its own key indices: softmax over `k[indices]`, weights on `v[indices]`.
+
+    Args:
+        q: (batch, heads, n_q, head_dim); k, v: (batch, heads, n_k, head_dim).
+        indices: (Bb, Hb, n_q or 1, n_sel) integer key indices, -1 = unused slot; size-1 dims broadcast.
+        exclude_block: when > 0, row r ignores indices j with j // exclude_block == r // exclude_block
+            (HyperAttention's sampled columns next to its block-diagonal part).
+        return_lse: also return the natural log-sum-exp per query.
+        out_dtype: dtype of the output (default q's).
+    """
+    _check_inputs(q, k, v)
+    batch, heads, n_q, head_dim = q.shape
+    n_k = k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    out = torch.zeros(q.shape, dtype=out_dtype or q.dtype, device=q.device)
+    lse = torch.full((batch, heads, n_q), float("-inf"), dtype=torch.float32, device=q.device)
+    n_sel = indices.shape[-1]
+    if out.numel() == 0 or n_k == 0 or n_sel == 0:
+        return (out, lse) if return_lse else out
+    indices = indices.to(device=q.device, dtype=torch.int32)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if _interpreting():
+        block_m, block_n = 16, 64  # numpy-vectorised tiles: few programs, fast under the interpreter
+    else:
+        block_n = 32
+        block_m = max(1, min(16, 4096 // (block_n * block_d)))  # keep the (M, N, D) tile in registers
+    block_n = min(block_n, max(16, triton.next_power_of_2(n_sel)))
+    _gather_fwd_kernel[(triton.cdiv(n_q, block_m), batch * heads)](
+        q, k, v, out, lse, indices,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *_broadcast_strides(indices),
+        heads, n_q, n_k, n_sel, scale * _LOG2E, max(exclude_block, 1),
+        HEAD_DIM=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        EXCLUDE_OWN_BLOCK=exclude_block > 0,
+        HAS_LSE=return_lse,
+        num_warps=4,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out

@@ -1,0 +1,431 @@
+"""Chunked linear-attention forward in Triton: one kernel for the whole linear family.
+
+Inputs are already feature-mapped (phi(q), phi(k): the map is applied in
+PyTorch, so one kernel serves elu+1, FAVOR+, cosformer's cos/sin halves folded
+into the feature dim, Based's Taylor features and lightning's silu), plus
+flags for what differs between the methods:
+
+* `HAS_DECAY`: a per-head decay lambda = exp(log_decay[h]) (lightning):
+  S_t = lambda S_{t-1} + phi(k_t)^T v_t.
+* `NORMALIZE`: divide by phi(q).z with z = sum phi(k) (every method but lightning).
+* `CAUSAL`: bottom-right aligned; non-causal is a global sum.
+* `HAS_INIT` / `STORE_FINAL`: start from a carried-in state and write the state
+  after the last key, which is how a decode step runs (one token, the state in,
+  the new state out).
+
+One program owns one (batch, head) and one block of `BLOCK_V` value columns,
+and walks the sequence in chunks of `BLOCK_C` tokens with the state
+S (BLOCK_F x BLOCK_V, fp32) and z (BLOCK_F, fp32) in registers, as Lightning
+Attention-2's forward does. Per chunk (causal):
+
+    o     = (phi_q * decay_q) @ S + mask(phi_q phi_k^T * decay) @ v       inter-chunk + intra-chunk
+    den   = rowsum(masked scores) + (phi_q * decay_q) . z                  (NORMALIZE)
+    S     = decay^L S + (phi_k * decay_k)^T v ;  z likewise               the chunk folded into the state
+
+Splitting the value dim over programs recomputes the C x C score tile once per
+value block: the price of keeping a F x BLOCK_V state in registers when F is
+large (Performer's 256 features, Based's 153) and of getting more than B x H
+programs in flight. The sequential walk over chunks limits parallelism to
+B x H x Dv/BLOCK_V programs: fine at the benchmark's batch x heads, poor for a
+single head (a two-pass split, states first then outputs in parallel as fla's
+`chunk` kernels do, would fix that).
+
+Conventions are those of `flash_fwd.py`: SDPA layout with any strides, causal
+aligned bottom-right (queries before the first key output exactly 0), fp32
+accumulation, and `DOT_FP32` under the interpreter, where `tl.dot` on 16-bit
+tiles is silently wrong. On the GPU, fp32 inputs use `input_precision="ieee"`
+(TF32 would be no more accurate than fp16); 16-bit inputs feed the tensor cores
+in their own dtype, the fp32 state cast down for the read as fla does.
+The kernel is forward-only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_FEATURE_DIM", "MAX_VALUE_DIM", "chunked_linear_attention_forward", "choose_config"]
+
+MAX_FEATURE_DIM = 512
+MAX_VALUE_DIM = 256
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _chunked_linear_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    LogDecay,
+    S0,
+    Z0,
+    S_out,
+    Z_out,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qf,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kf,
+    stride_vz,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    stride_od,
+    n_heads,
+    n_q,
+    n_k,
+    eps,
+    FEAT: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_DECAY: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """Grid `(cdiv(DV, BLOCK_V), batch * heads)`. States are contiguous fp32 `(B*H, FEAT, DV)` and `(B*H, FEAT)`."""
+    pid_v = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_z = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    q_base = Q + off_z * stride_qz + off_h * stride_qh
+    k_base = K + off_z * stride_kz + off_h * stride_kh
+    v_base = V + off_z * stride_vz + off_h * stride_vh
+    o_base = Out + off_z * stride_oz + off_h * stride_oh
+
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    # BLOCK_F / BLOCK_V are the dims rounded up to powers of two (tl.arange needs them); the pad is masked to 0.
+    f_mask = offs_f < FEAT
+    v_mask = offs_v < DV
+    s_offs = off_bh.to(tl.int64) * FEAT * DV + offs_f[:, None] * DV + offs_v[None, :]
+    s_mask = f_mask[:, None] & v_mask[None, :]
+    z_offs = off_bh.to(tl.int64) * FEAT + offs_f
+
+    s = tl.zeros([BLOCK_F, BLOCK_V], dtype=tl.float32)
+    z = tl.zeros([BLOCK_F], dtype=tl.float32)
+    if HAS_INIT:
+        s = tl.load(S0 + s_offs, mask=s_mask, other=0.0)
+        if NORMALIZE:
+            z = tl.load(Z0 + z_offs, mask=f_mask, other=0.0)
+
+    if CAUSAL:
+        # Bottom-right alignment: query i is token i + offset (the wrapper makes offset >= 0).
+        offset = n_k - n_q
+        g = 0.0
+        if HAS_DECAY:
+            g = tl.load(LogDecay + off_h).to(tl.float32)
+        keep = offs_c[:, None] >= offs_c[None, :]
+        for start in range(0, n_k, BLOCK_C):
+            pos = start + offs_c
+            k_row = pos < n_k
+            q_idx = pos - offset
+            q_row = (q_idx >= 0) & k_row
+            q_idx = tl.where(q_row, q_idx, 0)
+            q = tl.load(
+                q_base + q_idx[:, None].to(tl.int64) * stride_qm + offs_f[None, :] * stride_qf,
+                mask=q_row[:, None] & f_mask[None, :],
+                other=0.0,
+            )
+            k = tl.load(
+                k_base + pos[:, None].to(tl.int64) * stride_kn + offs_f[None, :] * stride_kf,
+                mask=k_row[:, None] & f_mask[None, :],
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + pos[:, None].to(tl.int64) * stride_vn + offs_v[None, :] * stride_vd,
+                mask=k_row[:, None] & v_mask[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                q = q.to(tl.float32)
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+
+            if HAS_DECAY:
+                # Row t sees key s of its chunk at distance t - s, and the state before the chunk at t + 1;
+                # key s reaches the chunk's last real token (length - 1) at distance length - 1 - s.
+                dist = tl.where(keep, offs_c[:, None] - offs_c[None, :], 0).to(tl.float32)
+                scores = tl.where(keep, scores * tl.exp(g * dist), 0.0)
+                length = tl.minimum(n_k - start, BLOCK_C)
+                q_in = q * tl.exp(g * (offs_c + 1).to(tl.float32))[:, None]
+                k_scale = tl.where(k_row, tl.exp(g * tl.maximum(length - 1 - offs_c, 0).to(tl.float32)), 0.0)
+                k_in = k * k_scale[:, None]
+                chunk_decay = tl.exp(g * length.to(tl.float32))
+            else:
+                scores = tl.where(keep, scores, 0.0)
+                q_in = q
+                k_in = k
+                chunk_decay = 1.0
+
+            if DOT_FP32:
+                o = tl.dot(q_in, s, input_precision="ieee")
+                o = tl.dot(scores, v, o, input_precision="ieee")
+            else:
+                o = tl.dot(q_in.to(v.dtype), s.to(v.dtype))
+                o = tl.dot(scores.to(v.dtype), v, o)
+            if NORMALIZE:
+                den = tl.sum(scores, 1) + tl.sum(q_in.to(tl.float32) * z[None, :], 1)
+                o = o / tl.maximum(den, eps)[:, None]
+            tl.store(
+                o_base + q_idx[:, None].to(tl.int64) * stride_om + offs_v[None, :] * stride_od,
+                o.to(Out.dtype.element_ty),
+                mask=q_row[:, None] & v_mask[None, :],
+            )
+
+            # Fold the chunk into the state.
+            if DOT_FP32:
+                s = tl.dot(tl.trans(k_in), v, s * chunk_decay, input_precision="ieee")
+            else:
+                s = tl.dot(tl.trans(k_in.to(v.dtype)), v, s * chunk_decay)
+            if NORMALIZE:
+                z = z * chunk_decay + tl.sum(k_in.to(tl.float32), 0)
+    else:
+        # Non-causal: every query reads the global state, so build it first, then read it.
+        for start in range(0, n_k, BLOCK_C):
+            pos = start + offs_c
+            k_row = pos < n_k
+            k = tl.load(
+                k_base + pos[:, None].to(tl.int64) * stride_kn + offs_f[None, :] * stride_kf,
+                mask=k_row[:, None] & f_mask[None, :],
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + pos[:, None].to(tl.int64) * stride_vn + offs_v[None, :] * stride_vd,
+                mask=k_row[:, None] & v_mask[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                s = tl.dot(tl.trans(k.to(tl.float32)), v.to(tl.float32), s, input_precision="ieee")
+            else:
+                s = tl.dot(tl.trans(k), v, s)
+            if NORMALIZE:
+                z += tl.sum(k.to(tl.float32), 0)
+        if not DOT_FP32:
+            s_read = s.to(V.dtype.element_ty)
+        for start in range(0, n_q, BLOCK_C):
+            rows = start + offs_c
+            q_row = rows < n_q
+            q = tl.load(
+                q_base + rows[:, None].to(tl.int64) * stride_qm + offs_f[None, :] * stride_qf,
+                mask=q_row[:, None] & f_mask[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                o = tl.dot(q.to(tl.float32), s, input_precision="ieee")
+            else:
+                o = tl.dot(q, s_read)
+            if NORMALIZE:
+                den = tl.sum(q.to(tl.float32) * z[None, :], 1)
+                o = o / tl.maximum(den, eps)[:, None]
+            tl.store(
+                o_base + rows[:, None].to(tl.int64) * stride_om + offs_v[None, :] * stride_od,
+                o.to(Out.dtype.element_ty),
+                mask=q_row[:, None] & v_mask[None, :],
+            )
+
+    if STORE_FINAL:
+        tl.store(S_out + s_offs, s, mask=s_mask)
+        if NORMALIZE:
+            # Every value block computed the same z; the first one writes it.
+            tl.store(Z_out + z_offs, z, mask=f_mask & (pid_v == 0))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch parameters for one call (see `choose_config`)."""
+
+    block_c: int
+    block_f: int
+    block_v: int
+    num_warps: int
+    num_stages: int
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def choose_config(feat: int, dv: int, n_tokens: int, chunk_size: int) -> LaunchConfig:
+    """A fixed heuristic (no autotune under the interpreter).
+
+    The chunk is `chunk_size` (64 by default: the intra-chunk tile feeds the
+    tensor cores, and the interpreter's per-op overhead stays low), shrunk for
+    short inputs, never below 16 (`tl.dot`'s smallest operand). On the GPU the
+    value block is cut so the fp32 state BLOCK_F x BLOCK_V stays at 8k
+    elements (32 KB of registers per program); the interpreter takes the whole
+    value dim at once, which is fastest there.
+    """
+    block_f = max(16, triton.next_power_of_2(feat))
+    block_v = max(16, triton.next_power_of_2(dv))
+    block_c = min(chunk_size, max(16, triton.next_power_of_2(max(n_tokens, 1))))
+    if not _interpreting():
+        block_v = min(block_v, max(16, 8192 // block_f))
+    num_warps = 8 if block_f * block_v > 4096 or block_f >= 256 else 4
+    return LaunchConfig(block_c, block_f, block_v, num_warps, num_stages=2)
+
+
+def _check_inputs(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    log_decay: torch.Tensor | None,
+    chunk_size: int,
+) -> None:
+    """Raise a one-line ValueError for anything the kernel cannot compute, before launching it."""
+    for name, t in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq, dim), got shape {tuple(t.shape)}")
+    if phi_q.shape[:2] != phi_k.shape[:2] or phi_k.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"batch/heads mismatch: phi_q {tuple(phi_q.shape)}, phi_k {tuple(phi_k.shape)}, v {tuple(v.shape)}"
+        )
+    if phi_k.shape[2] != v.shape[2]:
+        raise ValueError(f"phi_k and v lengths differ: {tuple(phi_k.shape)}, {tuple(v.shape)}")
+    if phi_q.shape[3] != phi_k.shape[3]:
+        raise ValueError(f"feature dim mismatch: phi_q {phi_q.shape[3]}, phi_k {phi_k.shape[3]}")
+    if not 1 <= phi_q.shape[3] <= MAX_FEATURE_DIM:
+        raise ValueError(f"feature dim {phi_q.shape[3]} is not supported; supported range is 1 to {MAX_FEATURE_DIM}")
+    if not 1 <= v.shape[3] <= MAX_VALUE_DIM:
+        raise ValueError(f"value dim {v.shape[3]} is not supported; supported range is 1 to {MAX_VALUE_DIM}")
+    if not (phi_q.dtype == phi_k.dtype == v.dtype):
+        raise ValueError(f"dtype mismatch: phi_q {phi_q.dtype}, phi_k {phi_k.dtype}, v {v.dtype} (must be equal)")
+    if v.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {v.dtype} is not supported; supported: float32, float16, bfloat16")
+    if not (phi_q.device == phi_k.device == v.device):
+        raise ValueError(f"device mismatch: phi_q {phi_q.device}, phi_k {phi_k.device}, v {v.device}")
+    if v.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"tensors are on {v.device}; the kernel needs CUDA (or TRITON_INTERPRET=1 for CPU tests)")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16 for the kernel, got {chunk_size}")
+    if log_decay is not None:
+        if not causal:
+            raise ValueError("a decayed linear attention is a causal recurrence; non-causal is not defined")
+        if log_decay.shape != (phi_q.shape[1],):
+            raise ValueError(f"log_decay must have shape (heads,) = ({phi_q.shape[1]},), got {tuple(log_decay.shape)}")
+
+
+def chunked_linear_attention_forward(
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    log_decay: torch.Tensor | None = None,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    initial_state: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """Linear attention over feature-mapped inputs, same contract as `linear_attention_chunked` (the reference).
+
+    Args:
+        phi_q: `(batch, heads, n_q, F)`; phi_k `(batch, heads, n_k, F)`; v `(batch, heads, n_k, Dv)`; any strides,
+            one dtype (fp32, fp16, bf16).
+        causal: bottom-right aligned; queries before the first key output 0.
+        log_decay: `(heads,)` log(lambda) <= 0, causal only.
+        normalize: divide by max(phi(q).z, eps).
+        initial_state: `(S (B, H, F, Dv), z (B, H, F) or None)`, any float dtype (used as fp32).
+        output_final_state: also return the fp32 state after the last key.
+
+    Returns:
+        `(out (batch, heads, n_q, Dv) in v's dtype, (S, z) or None)`.
+    """
+    _check_inputs(phi_q, phi_k, v, causal, log_decay, chunk_size)
+    batch, heads, n_q, feat = phi_q.shape
+    n_k, dv = phi_k.shape[2], v.shape[3]
+    device = v.device
+    f32 = torch.float32
+
+    if initial_state is not None:
+        s0, z0 = initial_state
+        if tuple(s0.shape) != (batch, heads, feat, dv):
+            raise ValueError(f"initial S must have shape {(batch, heads, feat, dv)}, got {tuple(s0.shape)}")
+        if normalize and (z0 is None or tuple(z0.shape) != (batch, heads, feat)):
+            raise ValueError(f"initial z must have shape {(batch, heads, feat)} when normalize=True")
+        s0 = s0.to(device=device, dtype=f32).contiguous()
+        z0 = z0.to(device=device, dtype=f32).contiguous() if normalize else None
+    else:
+        s0 = z0 = None
+
+    out = torch.empty(batch, heads, n_q, dv, dtype=v.dtype, device=device)
+    q_in, out_view = phi_q, out
+    if causal and n_q > n_k:
+        # The first n_q - n_k queries sit before the first key: exactly 0, and the kernel sees a square problem.
+        out[:, :, : n_q - n_k].zero_()
+        q_in, out_view = phi_q[:, :, n_q - n_k :], out[:, :, n_q - n_k :]
+
+    def initial_or_zero() -> tuple[torch.Tensor, torch.Tensor | None]:
+        if s0 is not None:
+            return s0, z0
+        z = torch.zeros(batch, heads, feat, dtype=f32, device=device) if normalize else None
+        return torch.zeros(batch, heads, feat, dv, dtype=f32, device=device), z
+
+    if n_k == 0:
+        # No key: causal queries see nothing; non-causal ones read only the initial state, if any.
+        if causal or s0 is None:
+            out.zero_()
+        else:
+            out_ref = phi_q.to(f32) @ s0
+            if normalize:
+                out_ref = out_ref / (phi_q.to(f32) @ z0.unsqueeze(-1)).clamp_min(eps)
+            out.copy_(out_ref)
+        return out, (initial_or_zero() if output_final_state else None)
+    if out_view.numel() == 0 and not output_final_state:
+        return out, None
+
+    dummy = torch.empty(1, dtype=f32, device=device)
+    if q_in.shape[2] == 0:  # only the final state is wanted: no query row is ever loaded or stored
+        q_in, out_view = phi_k[:, :, :1], torch.empty(batch, heads, 1, dv, dtype=v.dtype, device=device)
+        n_q_eff = 0
+    else:
+        n_q_eff = q_in.shape[2]
+    s_out = torch.empty(batch, heads, feat, dv, dtype=f32, device=device) if output_final_state else dummy
+    z_out = torch.empty(batch, heads, feat, dtype=f32, device=device) if output_final_state and normalize else dummy
+    decay = log_decay.to(device=device, dtype=f32).contiguous() if log_decay is not None else dummy
+
+    cfg = choose_config(feat, dv, max(n_k, n_q_eff), chunk_size)
+    dot_fp32 = _interpreting() or v.dtype == torch.float32
+    grid = (triton.cdiv(dv, cfg.block_v), batch * heads)
+    _chunked_linear_fwd_kernel[grid](
+        q_in, phi_k, v, out_view, decay,
+        s0 if s0 is not None else dummy, z0 if z0 is not None else dummy, s_out, z_out,
+        *q_in.stride(), *phi_k.stride(), *v.stride(), *out_view.stride(),
+        heads, n_q_eff, n_k, float(eps),
+        FEAT=feat,
+        DV=dv,
+        BLOCK_C=cfg.block_c,
+        BLOCK_F=cfg.block_f,
+        BLOCK_V=cfg.block_v,
+        CAUSAL=bool(causal),
+        HAS_DECAY=log_decay is not None,
+        NORMALIZE=bool(normalize),
+        HAS_INIT=s0 is not None,
+        STORE_FINAL=bool(output_final_state),
+        DOT_FP32=dot_fp32,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if not output_final_state:
+        return out, None
+    return out, (s_out, z_out if normalize else None)
