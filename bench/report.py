@@ -601,6 +601,28 @@ def plots_section(paths: list[Path], not_drawn: int) -> str:
 # ---------------------------------------------------------------- entry points
 
 
+def slopes_section(df: pd.DataFrame) -> str:
+    """The empirical exponent of latency in context length: ~1 linear-time, ~2 exact, ~0 recurrent decode."""
+    from bench.slopes import DEFAULT_MIN_LEN, scaling_slopes
+
+    slopes = scaling_slopes(df)
+    slopes = slopes[slopes["slope"].notna()] if not slopes.empty else slopes
+    if slopes.empty:
+        return ""
+    cols = [c for c in ("method", "impl", "pattern", "mode", "dtype", "batch", "heads", "head_dim") if c in slopes]
+    table = slopes.sort_values(cols)[cols].astype(str)
+    table["slope"] = slopes["slope"].map(lambda x: f"{x:.2f}")
+    table["lengths"] = slopes["min_kv_len"].astype(str) + "–" + slopes["max_kv_len"].astype(str)
+    table["points"] = slopes["n_lengths"].astype(str)
+    return (
+        "## Scaling slopes\n\n"
+        f"Least-squares slope of log(latency) against log(context length), lengths >= {DEFAULT_MIN_LEN}: "
+        "about 1 for a linear-time method, 2 for exact attention once N² dominates, 0 for a recurrent decode step.\n\n"
+        + md_table(table)
+        + "\n"
+    )
+
+
 def write_report(results_dir: Path | str, out_dir: Path | str | None = None) -> Path:
     """Write leaderboard.md and the plots; returns the leaderboard's path. NoResults when there is nothing to report."""
     results_dir = Path(results_dir)
@@ -619,6 +641,7 @@ def write_report(results_dir: Path | str, out_dir: Path | str | None = None) -> 
             "# attnbench leaderboard\n",
             provenance_section(df, results_dir, len(corrupt)),
             leaderboard_sections(df),
+            slopes_section(df),
             not_measured_section(df, corrupt),
             plots_section(latency + memory, lat_not_drawn + mem_not_drawn),
         ]

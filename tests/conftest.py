@@ -9,7 +9,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
 # One thread: tests are dominated by small ops, which OpenMP's second thread only slows down
 # (badly so on a shared 2-core machine). Benchmarks keep torch's default thread count.
 torch.set_num_threads(1)
