@@ -85,7 +85,10 @@ def _sweep_blocks(entry) -> list[dict]:
 
 
 def task_plan(cfg: Mapping, suite: Mapping, cli_task_keys: Sequence[str] = ()) -> list[tuple[str, dict, dict]]:
-    """(task, default point, sweep axes) triples, one per sweep block."""
+    """(task, default point, sweep axes) triples, one per sweep block.
+
+    A block may carry `methods: [...]`: that block runs only for those methods (e.g. the
+    expensive backward sweep for exact softmax alone); it stays in the axes for `plan_cells`."""
     task_cfg = cfg.get("task")
     suite_tasks = dict(suite.get("tasks") or {})
     if task_cfg:
@@ -112,8 +115,12 @@ def plan_cells(cfg: DictConfig | Mapping, device: torch.device, hardware: str, c
     cells: dict[str, Cell] = {}  # keyed by cell_id: overlapping sweep blocks measure a cell once
     for task_name, defaults, axes in task_plan(cfg, suite, cli_task_keys):
         task = get_task(task_name)
+        axes = dict(axes)
+        only = _as_list(axes.pop("methods", None))
         for point in task.points(defaults, axes):
             for method, impls, params in methods:
+                if only is not None and method not in only:
+                    continue
                 for impl in impls:
                     cell = Cell(method, impl, task_name, hardware, point, params, int(cfg.get("seed", 0)), suite["name"])
                     cells.setdefault(cell.cell_id, cell)

@@ -84,7 +84,8 @@ class ScalingTask(Task):
     def run_cell(self, cell: Cell, attn: Attention, ctx: RunContext) -> dict:
         p = dict(cell.point)
         mode, causal = p["mode"], bool(p["causal"])
-        attn.capabilities.check(causal=causal, cross=p["seq_len"] != p["kv_len"], mode=mode, dtype=p["dtype"])
+        cross = mode != "decode" and p["seq_len"] != p["kv_len"]  # decode is its own capability
+        attn.capabilities.check(causal=causal, cross=cross, mode=mode, dtype=p["dtype"])
         attn = attn.to(ctx.device)
         q, k, v = make_qkv(p, cell.seed, ctx.device)
         shape = Shape(p["batch"], p["heads"], p["seq_len"], p["kv_len"], p["head_dim"], causal)

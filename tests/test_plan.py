@@ -44,8 +44,20 @@ def test_suite_sweeps_and_cli_task_values_win():
 def test_suite_alone_lists_methods_and_tasks():
     cells = cells_for("suite=smoke")
     assert {c.impl for c in cells} == {"reference", "sdpa", "sdpa_math"}
-    # implementations of one point run back to back, so they share inputs and the oracle
+    assert {"softmax", "sliding_window", "linear", "deltanet", "linformer"} <= {c.method for c in cells}
+    # every method of one point runs back to back, so they share inputs and the oracle
+    first_point = [c for c in cells if c.point == cells[0].point]
+    assert cells[: len(first_point)] == first_point
     assert [c.impl for c in cells[:3]] == ["reference", "sdpa", "sdpa_math"]
+    # method parameters come from the suite over the method's yaml
+    window = next(c for c in cells if c.method == "sliding_window")
+    assert window.method_params == {"window": 64}
+
+
+def test_block_methods_restrict_a_sweep_block():
+    cells = cells_for("suite=cpu")
+    assert {c.method for c in cells if c.point["mode"] == "fwd_bwd"} == {"softmax"}
+    assert {"linear", "deltanet", "softmax"} <= {c.method for c in cells if c.point["mode"] == "fwd"}
 
 
 def test_auto_suite_is_cpu_without_gpu():
