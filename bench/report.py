@@ -47,7 +47,9 @@ MISSING = "–"
 DEFAULTS = ("{}", "", MISSING)  # key values that say nothing (method_params of a method without parameters)
 
 # Extra (non-core) columns that are not sweep keys: bookkeeping, or metrics shown as metrics.
-NOT_KEYS = frozenset({"impl_kind", "exact", "interpreted", "repeats", "cell_seconds", "state_bytes"})
+NOT_KEYS = frozenset(
+    {"impl_kind", "exact", "interpreted", "repeats", "cell_seconds", "state_bytes", "sparsity", "threads"}
+)
 # Columns the report adds to the frame start with "_" (_pattern, _interp, _line, ...): never shown as keys.
 SHAPE_COLUMNS = ("dtype", "batch", "heads", "seq_len", "kv_len", "head_dim", "causal", "mode")
 
@@ -409,7 +411,9 @@ def plot_data(df: pd.DataFrame, metric: str) -> pd.DataFrame:
         return sel
     line = sel["method"].astype(str) + "/" + sel["impl"].astype(str)
     if "method_params" in sel.columns:
-        line = line + sel["method_params"].map(lambda v: "" if fmt_value(v) in DEFAULTS else f" {v}")
+        # Parameters name a line only where one method was run with several parameter sets.
+        several = sel.groupby("method")["method_params"].transform(lambda p: p.map(fmt_value).nunique() > 1)
+        line = line + sel["method_params"].map(lambda v: "" if fmt_value(v) in DEFAULTS else f" {v}").where(several, "")
     is_cross = sel["_pattern"].str.endswith("cross")
     sel["_line"] = line + sel["seq_len"].map(lambda v: "" if pd.isna(v) else f" (q={int(v)})").where(is_cross, "")
     figure_cols = [c for c in ("_task", "_hw", "_dtype") if c != "_hw" or sel["_hw"].nunique() > 1]

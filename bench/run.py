@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -83,8 +84,11 @@ def update_latest(results_dir: Path) -> None:
 def run(cfg: DictConfig, cli_task_keys: tuple[str, ...] = ()) -> list[dict]:
     """Measure every cell the config names and write the report; returns the rows written."""
     device = detect_device(cfg.device)
-    profile = resolve_profile(cfg.hardware, device)
     suite = resolve_suite(OmegaConf.to_container(cfg.suite, resolve=True), device)
+    threads = cfg.get("threads") or suite.get("threads")
+    if threads:  # before the CPU profile is measured, so peaks and rows agree
+        torch.set_num_threads(int(threads))
+    profile = resolve_profile(cfg.hardware, device)
     cells = plan_cells(cfg, device, profile.name, cli_task_keys)
     timing = TimingConfig(**{**(suite.get("timing") or {}), **OmegaConf.to_container(cfg.timing, resolve=True)})
     results_dir = Path(cfg.results_dir)
