@@ -105,6 +105,7 @@ def measure_cell(cell: Cell, settings: RunSettings) -> dict:
             timing=settings.timing,
             peak_tflops=settings.profile.peak_for(cell.point.get("dtype", "float32")),
             measure_memory=settings.measure_memory,
+            checkpoint_dir=settings.results_dir / "checkpoints",
         )
         row.update(task.run_cell(cell, attn, ctx))
         row["status"], row["reason"] = "ok", ""

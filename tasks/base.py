@@ -14,6 +14,7 @@ import itertools
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -63,6 +64,7 @@ class RunContext:
     peak_tflops: float | None = None  # hardware profile's dense peak for the cell's dtype
     measure_memory: bool = True
     check_fidelity: bool = True
+    checkpoint_dir: Path | None = None  # trained tasks checkpoint here, so an interrupted cell resumes
 
 
 def torch_dtype(name: str) -> torch.dtype:
