@@ -11,6 +11,7 @@ from methods.registry import METHODS, UnknownName, build, get_impl, get_method, 
 METHOD_MODULES = (
     "methods.softmax", "methods.deltanet", "methods.lowrank", "methods.linear_attention",
     "methods.sparse_patterns", "methods.bigbird", "methods.sparse_selection", "methods.hyperattention", "methods.memory_efficient",
+    "methods.identity",
 )
 
 for _module in METHOD_MODULES:

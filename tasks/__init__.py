@@ -2,9 +2,10 @@
 
 from methods.registry import unknown
 from tasks.base import Cell, RunContext, Task
+from tasks.mqar import MQARTask
 from tasks.scaling import ScalingTask
 
-TASKS: dict[str, Task] = {t.name: t for t in (ScalingTask(),)}
+TASKS: dict[str, Task] = {t.name: t for t in (ScalingTask(), MQARTask())}
 
 
 def get_task(name: str) -> Task:
