@@ -18,6 +18,12 @@ def _caps(caps) -> str:
     return ", ".join(patterns + extra + [dtypes])
 
 
+def _impls(entry) -> str:
+    """A suite's method entry is a list of impls or {impls: [...], params: {...}}; no impls means all."""
+    impls = entry.get("impls") if isinstance(entry, dict) else entry
+    return ",".join(impls) if impls else "all"
+
+
 def listing(device: torch.device | None = None) -> str:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lines = [f"methods (availability on {device}):"]
@@ -33,7 +39,7 @@ def listing(device: torch.device | None = None) -> str:
     lines.append("suites:")
     for name in group_names("suite"):
         suite = load_group("suite", name)
-        methods = ", ".join(f"{m}[{','.join(i) if isinstance(i, list) else 'all'}]" for m, i in suite["methods"].items())
+        methods = ", ".join(f"{m}[{_impls(entry)}]" for m, entry in suite["methods"].items())
         tasks = ", ".join(suite["tasks"]) or "from the command line"
         lines.append(f"  {name:<8} methods: {methods or 'from the command line'}; tasks: {tasks}")
     lines.append("hardware profiles:")
