@@ -8,7 +8,7 @@ RUN_ID  ?= $(shell date -u +%Y%m%d-%H%M%S)
 RESULTS ?= results/latest
 ARGS    ?=
 
-.PHONY: install bench test test-all lint report list clean-results
+.PHONY: install bench test test-all lint report list clean-results compare
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -35,3 +35,10 @@ report: $(STAMP)
 
 list: $(STAMP)
 	$(PYTHON) -m bench.list
+
+# Regression check: `make compare BASE=<baseline results> CAND=<candidate results>`; exit 1 on a regression.
+BASE         ?= results/baselines/cpu-smoke
+CAND         ?= results/latest
+COMPARE_ARGS ?= --normalize-by sdpa
+compare: $(STAMP)
+	$(PYTHON) -m bench.compare $(BASE) $(CAND) $(COMPARE_ARGS)

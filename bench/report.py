@@ -1,7 +1,9 @@
-"""The report: a Markdown leaderboard and log-log plots from a results folder.
+"""The report: leaderboard tables (Markdown, LaTeX, HTML) and plots from a results folder.
 
-`python -m bench.report RESULTS_DIR [--out DIR]` writes `leaderboard.md`,
-`latency_vs_seq_len.png` and `memory_vs_seq_len.png` into RESULTS_DIR/report/.
+`python -m bench.report RESULTS_DIR [--out DIR] [--baseline softmax/sdpa]` writes into RESULTS_DIR/report/:
+`leaderboard.md`, `leaderboard.tex` (booktabs), `index.html` (self-contained), `latency_vs_seq_len.png`,
+`memory_vs_seq_len.png`, `pct_peak_vs_seq_len.png`, `efficiency_length.png`, `pareto_<task>.png`, and the
+needle heat maps and MQAR recall-vs-state plots when those tasks have rows.
 
 Rules the report keeps, because a leaderboard that breaks them misleads:
 - every row that is not `ok` is listed, with its reason, under "Not measured";
@@ -39,6 +41,7 @@ PATTERN_ORDER = ("causal self", "non-causal self", "causal cross", "non-causal c
 PLOT_TASK = "scaling"  # the task whose x axis is the context length; other tasks are plotted only without it
 LATENCY_PNG = "latency_vs_seq_len.png"
 MEMORY_PNG = "memory_vs_seq_len.png"
+PEAK_PNG = "pct_peak_vs_seq_len.png"
 MAX_EXTRA_FIGURES = 12  # per metric: a cap on files when results span many task/hardware/dtype combinations
 LEGEND_COLUMNS = 3
 TOP_IN = 0.85  # inches above the panels: the two-line figure title and the panel titles
@@ -249,6 +252,12 @@ def sort_rows(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def results_table(group: pd.DataFrame, keys: list[str]) -> str:
     """One Markdown table of ok rows; keys constant over the table go in a caption line, varying ones get columns."""
+    caption, cells = table_cells(group, keys)
+    return (caption + "\n\n" if caption else "") + md_table(cells)
+
+
+def table_cells(group: pd.DataFrame, keys: list[str]) -> tuple[str, pd.DataFrame]:
+    """(caption, cells as text) of one table: shared by the Markdown, LaTeX and HTML renderings."""
     keys = [k for k in keys if group[k].notna().any()]
     varying = [k for k in keys if group[k].map(fmt_value).nunique() > 1]
     constant = [k for k in keys if k not in varying and fmt_value(group[k].dropna().iloc[0]) not in DEFAULTS]
@@ -265,8 +274,8 @@ def results_table(group: pd.DataFrame, keys: list[str]) -> str:
         cells[header] = fmt(group)
     caption = ""
     if constant:
-        caption = "All rows: " + ", ".join(f"{k}={fmt_value(group[k].dropna().iloc[0])}" for k in constant) + "\n\n"
-    return caption + md_table(cells)
+        caption = "All rows: " + ", ".join(f"{k}={fmt_value(group[k].dropna().iloc[0])}" for k in constant)
+    return caption, cells
 
 
 def table_heading(task: str, hw: str, pattern: str, mode: str, dtype: str, interp: bool, many_hw: bool) -> str:
@@ -286,6 +295,13 @@ def group_order(key: tuple) -> tuple:
     return (task != PLOT_TASK, task, hw, p, pattern, m, mode, dtype, interp)
 
 
+def table_groups(df: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
+    """The ok rows split into tables, in reading order: one per (task, hardware, pattern, mode, dtype, interpreted)."""
+    ok = df[df["status"].eq("ok")]
+    by = ["_task", "_hw", "_pattern", "_mode", "_dtype", "_interp"]
+    return sorted(ok.groupby(by, sort=False), key=lambda kv: group_order(kv[0]))
+
+
 def leaderboard_sections(df: pd.DataFrame) -> str:
     """One section per task, one table per (hardware, pattern, mode, dtype, interpreted) of its ok rows."""
     ok = df[df["status"].eq("ok")]
@@ -293,8 +309,7 @@ def leaderboard_sections(df: pd.DataFrame) -> str:
         return "## Results\n\nNo cell finished with status `ok`; see *Not measured*.\n"
     keys = extra_keys(ok)
     many_hw = ok["_hw"].nunique() > 1
-    by = ["_task", "_hw", "_pattern", "_mode", "_dtype", "_interp"]
-    groups = sorted(ok.groupby(by, sort=False), key=lambda kv: group_order(kv[0]))
+    groups = table_groups(df)
     out, current_task = [], None
     for key, group in groups:
         if key[0] != current_task:
@@ -480,6 +495,11 @@ def draw_panel(ax: Axes, rows: pd.DataFrame, metric: str, styles: dict[str, tupl
     Plain `plot` + one `vlines` per line rather than `errorbar`: the same picture at
     a fraction of the artists, which keeps a 10,000-row report within seconds.
     """
+    # Plain numpy columns first: slicing Arrow-backed string columns per line dominated a 10k-row report.
+    cols = [c for c in ("kv_len", metric, "latency_ms_p10", "latency_ms_p90") if c in rows.columns]
+    rows = pd.DataFrame(
+        {"_line": rows["_line"].to_numpy(dtype=object), **{c: pd.to_numeric(rows[c]).to_numpy(float) for c in cols}}
+    )
     for name, line in rows.groupby("_line", sort=True):
         line = line.sort_values("kv_len")
         x = line["kv_len"].to_numpy(float)
@@ -500,6 +520,7 @@ def draw_panel(ax: Axes, rows: pd.DataFrame, metric: str, styles: dict[str, tupl
 METRIC_AXES = {
     "latency_ms": ("Latency (median; bars p10–p90)", "latency (ms)"),
     "peak_mem_bytes": ("Peak memory", "peak memory (MiB)"),
+    "pct_peak": ("Share of the hardware's peak FLOP/s", "% of peak"),
 }
 
 
@@ -573,7 +594,9 @@ def file_slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=_-]+", "_", label).strip("_") or "other"
 
 
-def write_plots(df: pd.DataFrame, out_dir: Path, metric: str, main_name: str) -> tuple[list[Path], int]:
+def write_plots(
+    df: pd.DataFrame, out_dir: Path, metric: str, main_name: str, max_extra: int = MAX_EXTRA_FIGURES
+) -> tuple[list[Path], int]:
     """The main figure under `main_name`, one more file per other task/hardware/dtype; (files, rows not drawn)."""
     data = plot_data(df, metric)
     figures = figure_rows(data)
@@ -583,7 +606,7 @@ def write_plots(df: pd.DataFrame, out_dir: Path, metric: str, main_name: str) ->
     paths = [plot_figure(rows, metric, title, out_dir / main_name)]
     drawn = len(rows)
     stem = Path(main_name).stem
-    for figure, title, rows in figures[1 : 1 + MAX_EXTRA_FIGURES]:
+    for figure, title, rows in figures[1 : 1 + max_extra]:
         paths.append(plot_figure(rows, metric, title, out_dir / f"{stem}__{file_slug(figure)}.png"))
         drawn += len(rows)
     return paths, len(data) - drawn
@@ -627,8 +650,52 @@ def slopes_section(df: pd.DataFrame) -> str:
     )
 
 
-def write_report(results_dir: Path | str, out_dir: Path | str | None = None) -> Path:
-    """Write leaderboard.md and the plots; returns the leaderboard's path. NoResults when there is nothing to report."""
+def task_sections(df: pd.DataFrame, out: Path, baseline: tuple[str, str]) -> tuple[list[str], list[Path]]:
+    """The optional sections and figures: efficiency length, needle and MQAR views, Pareto fronts, % of peak.
+
+    Each appears only when its rows exist, so a scaling-only run's report is unchanged in shape.
+    """
+    from bench.efficiency import EFFICIENCY_PNG, efficiency_lengths, efficiency_plot, efficiency_table
+    from bench.report_plots import pareto_plot
+
+    sections, plots = [], []
+    eff = efficiency_lengths(df, baseline)
+    sections.append(efficiency_table(eff, baseline))
+    if (p := efficiency_plot(eff, out / EFFICIENCY_PNG, baseline)) is not None:
+        plots.append(p)
+    tasks = set(df.loc[df["status"].eq("ok"), "task"].dropna())
+    if "needle" in tasks:
+        from bench.needle_report import needle_heatmaps, needle_table
+
+        sections.append("## Needle retrieval (hit rate per context length)\n\n" + needle_table(df))
+        plots += needle_heatmaps(df, out)
+    if "mqar" in tasks:
+        try:
+            from bench.mqar_report import mqar_plots, mqar_table
+        except ImportError:  # the module is optional: a report without it still has the generic tables
+            pass
+        else:
+            table = mqar_table(df)
+            if table:
+                sections.append("## MQAR (best learning rate per size)\n\n" + table)
+            plots += mqar_plots(df, out)
+    for task in sorted(tasks):
+        if (p := pareto_plot(df, task, out / f"pareto_{file_slug(task)}.png")) is not None:
+            plots.append(p)
+    return [s for s in sections if s], plots
+
+
+def write_report(
+    results_dir: Path | str, out_dir: Path | str | None = None, baseline: tuple[str, str] = ("softmax", "sdpa")
+) -> Path:
+    """Write leaderboard.md/.tex, index.html and the plots; returns the leaderboard's path.
+
+    NoResults when there is nothing to report. `baseline` is the method/impl the efficiency length is measured
+    against.
+    """
+    from bench.report_html import write_html
+    from bench.report_latex import latex_leaderboard
+
     results_dir = Path(results_dir)
     df, corrupt = load_results(results_dir)
     df = prepare(df)
@@ -640,18 +707,31 @@ def write_report(results_dir: Path | str, out_dir: Path | str | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     latency, lat_not_drawn = write_plots(df, out, "latency_ms", LATENCY_PNG)
     memory, mem_not_drawn = write_plots(df, out, "peak_mem_bytes", MEMORY_PNG)
+    peak: list[Path] = []
+    modes = df.loc[df["pct_peak"].notna() & df["status"].eq("ok"), "_mode"].value_counts()
+    if not modes.empty:
+        # One figure, the most measured mode only: % of peak judges a kernel, and at 10k rows each panel costs seconds.
+        peak, _ = write_plots(df[df["_mode"] == modes.index[0]], out, "pct_peak", PEAK_PNG, max_extra=0)
+    extra_sections, extra_plots = task_sections(df, out, baseline)
+    provenance = provenance_section(df, results_dir, len(corrupt))
+    slopes = slopes_section(df)
+    not_measured = not_measured_section(df, corrupt)
+    plots = latency + memory + peak + extra_plots
     text = "\n".join(
         [
             "# attnbench leaderboard\n",
-            provenance_section(df, results_dir, len(corrupt)),
+            provenance,
             leaderboard_sections(df),
-            slopes_section(df),
-            not_measured_section(df, corrupt),
-            plots_section(latency + memory, lat_not_drawn + mem_not_drawn),
+            slopes,
+            *extra_sections,
+            not_measured,
+            plots_section(plots, lat_not_drawn + mem_not_drawn),
         ]
     )
     path = out / "leaderboard.md"
     path.write_text(text)
+    (out / "leaderboard.tex").write_text(latex_leaderboard(df))
+    write_html(df, out / "index.html", provenance, not_measured, [slopes, *extra_sections], plots)
     return path
 
 
@@ -660,9 +740,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", type=Path, help="folder of results (searched recursively)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS_DIR/report)")
+    parser.add_argument("--baseline", default="softmax/sdpa", metavar="METHOD/IMPL",
+                        help="what the efficiency length is measured against (default softmax/sdpa)")  # fmt: skip
     args = parser.parse_args(argv)
+    method, _, impl = args.baseline.partition("/")
     try:
-        path = write_report(args.results_dir, args.out)
+        path = write_report(args.results_dir, args.out, (method, impl or "sdpa"))
     except NoResults as err:
         print(f"error: {err.code}", file=sys.stderr)
         return 2

@@ -1,0 +1,92 @@
+"""Write N synthetic result rows (one Parquet file each, through `bench.results.write_row`) to time the report.
+
+The rows look like a large GPU campaign: 20 methods x 3 impls, 9 context
+lengths, 4 patterns x 4 modes, 3 dtypes, several head dims, a sprinkle of
+failed and interpreted rows, and needle rows, with latency following a power
+law so plots, slopes and efficiency lengths have real curves.
+
+    python scripts/synthetic_results.py /tmp/synth10k --rows 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.results import CORE_COLUMNS, write_row  # noqa: E402
+
+METHODS = [f"method{i:02d}" for i in range(19)] + ["softmax"]
+IMPLS = ["reference", "triton", "sdpa"]
+LENGTHS = [2**k for k in range(9, 18)]
+PATTERNS = [(True, False), (False, False), (True, True), (False, True)]  # (causal, cross)
+MODES = ["fwd", "bwd", "fwd_bwd", "decode"]
+DTYPES = ["float16", "bfloat16", "float32"]
+HEAD_DIMS = [64, 128]
+NEEDLE_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+NEEDLE_LENGTHS = [4096, 16384]
+
+
+def rows(n: int, seed: int = 0):
+    """n rows: 98% scaling over the full grid, 2% needle (each method's reference, depth x length, as it is run)."""
+    rng = np.random.default_rng(seed)
+    n_needle = n // 50
+    needle = itertools.cycle(itertools.product(METHODS, NEEDLE_DEPTHS, NEEDLE_LENGTHS))
+    grid = itertools.chain(
+        itertools.product(DTYPES, HEAD_DIMS, MODES, PATTERNS, METHODS, IMPLS, LENGTHS),
+        itertools.cycle(itertools.product(DTYPES, HEAD_DIMS, MODES, PATTERNS, METHODS, IMPLS, LENGTHS)),
+    )
+    for i, (dtype, d, mode, (causal, cross), method, impl, kv) in enumerate(grid):
+        if i >= n:
+            return
+        task = "scaling"  # cross-attention rows keep a fixed 1024-query block while kv grows
+        depth = None
+        if i < n_needle:
+            method, depth, kv = next(needle)
+            task, impl, dtype, d, mode, causal, cross = "needle", "reference", "float16", 64, "fwd", True, False
+        power = 2.0 if method == "softmax" else 1.0 + (hash(method) % 10) / 10
+        lat = 1e-4 * kv**power / (1 + IMPLS.index(impl)) * (d / 64)
+        samples = (lat * rng.lognormal(0, 0.05, 10)).tolist()
+        status = "ok" if rng.random() > 0.05 else str(rng.choice(["oom", "unsupported", "error", "timeout"]))
+        row = dict.fromkeys(CORE_COLUMNS)
+        row.update(
+            run_id="synthetic", cell_id=f"c{i:06d}-{task}", method=method, impl=impl, family="x", task=task, suite="synthetic",
+            hardware="h100_sxm", device="NVIDIA H100 80GB HBM3", dtype=dtype, batch=1, heads=16,
+            seq_len=1 if mode == "decode" else (1024 if cross else kv), kv_len=kv, head_dim=d, causal=causal,
+            mode=mode, status=status, reason="" if status == "ok" else f"{status}: synthetic",
+            latency_ms=float(np.median(samples)) if status == "ok" else None,
+            latency_ms_p10=float(np.percentile(samples, 10)) if status == "ok" else None,
+            latency_ms_p90=float(np.percentile(samples, 90)) if status == "ok" else None,
+            latency_samples_ms=samples if status == "ok" else None,
+            peak_mem_bytes=int(kv * d * 64 * (kv / 1024 if method == "softmax" and impl == "reference" else 1)),
+            flops=int(4 * kv * kv * d), tflops=float(rng.uniform(10, 500)), pct_peak=float(rng.uniform(1, 70)),
+            fidelity_max_abs=float(rng.uniform(1e-4, 1e-2)), fidelity_rel=float(rng.uniform(1e-4, 1e-2)),
+            accuracy=float(rng.uniform()) if task == "needle" else None,
+            git_commit="0" * 40, git_dirty=False, torch_version="2.13.0", triton_version="3.7.1",
+            python_version="3.11.9", seed=0, config_yaml="", timestamp="2026-01-01T00:00:00+00:00",
+            interpreted=bool(impl == "triton" and i % 97 == 0), input_dist="gaussian", method_params="{}",
+            depth=depth, variant="single" if task == "needle" else None,
+        )  # fmt: skip
+        yield row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--rows", type=int, default=10_000)
+    args = parser.parse_args(argv)
+    n = 0
+    for row in rows(args.rows):
+        write_row(args.out, row)
+        n += 1
+    print(f"{n} rows written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

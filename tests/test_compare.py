@@ -1,0 +1,148 @@
+"""bench.compare verdicts on constructed result sets: noise passes, real shifts fail, bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_report import make_row
+
+from bench import compare
+from bench.results import write_row
+
+METHODS = ("softmax/sdpa", "softmax/reference", "linear/reference", "sliding_window/reference")
+LENGTHS = (512, 1024, 2048, 4096)
+
+
+def campaign(
+    seed: int, scale: dict[str, float] | None = None, machine: float = 1.0, n: int = 15, noise: float = 0.1
+) -> list[dict]:
+    """Rows of a small sweep: every method at 4 lengths x 2 patterns, lognormal samples around a fixed median."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name in METHODS:
+        method, impl = name.split("/")
+        for kv in LENGTHS:
+            for causal in (True, False):
+                median = (1.0 + METHODS.index(name)) * kv / 512 * machine * (scale or {}).get(name, 1.0)
+                samples = (median * rng.lognormal(0, noise, n)).tolist()
+                rows.append(
+                    make_row(
+                        f"{seed}-{method}-{impl}-{kv}-{causal}", method=method, impl=impl, seq_len=kv, kv_len=kv,
+                        causal=causal, latency_ms=float(np.median(samples)), latency_samples_ms=samples,
+                        run_id=f"run-{seed}", hardware=f"machine-{seed}", fidelity_rel=1e-3, accuracy=0.9,
+                    )  # fmt: skip
+                )
+    return rows
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows)
+
+
+def test_pure_noise_is_not_a_regression() -> None:
+    for seed in range(1, 6):
+        result = compare.compare_frames(frame(campaign(0)), frame(campaign(seed)), normalize_by="sdpa")
+        assert result.matched == len(METHODS) * len(LENGTHS) * 2  # matched despite other run_id, hardware, cell_id
+        assert result.regressions == [], [r.detail for r in result.regressions]
+
+
+def test_method_slowdown_is_a_regression_and_names_the_method() -> None:
+    result = compare.compare_frames(frame(campaign(0)), frame(campaign(1, {"linear/reference": 2.0})), normalize_by="sdpa")
+    regs = result.regressions
+    assert [r.cell for r in regs] == ["linear/reference (all judged cells)"]
+    assert regs[0].kind == "latency (method)" and regs[0].ci[0] > 1.5
+
+
+def test_single_cell_large_shift_is_a_regression() -> None:
+    base, cand = campaign(0), campaign(1)
+    victim = next(r for r in cand if r["method"] == "linear" and r["kv_len"] == 4096 and r["causal"])
+    victim["latency_samples_ms"] = [x * 5 for x in victim["latency_samples_ms"]]
+    result = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    assert [(r.kind, "kv=4096" in r.cell) for r in result.regressions] == [("latency", True)]
+
+
+def test_normalization_cancels_a_slower_machine() -> None:
+    base, cand = frame(campaign(0)), frame(campaign(1, machine=3.0))
+    assert compare.compare_frames(base, cand).regressions  # raw: everything looks 3x slower
+    assert compare.compare_frames(base, cand, normalize_by="sdpa").regressions == []
+
+
+def test_added_removed_and_status_changes() -> None:
+    base, cand = campaign(0), campaign(1)
+    cand = [r for r in cand if not (r["method"] == "linear" and r["kv_len"] == 512)]  # 2 removed
+    cand.append(make_row("new", method="new_method", impl="reference", kv_len=512, seq_len=512))
+    failed = next(r for r in cand if r["method"] == "sliding_window")
+    failed.update(status="oom", reason="out of memory", latency_ms=None, latency_samples_ms=None)
+    result = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    assert len(result.removed) == 2 and all(r.startswith("linear/reference") for r in result.removed)
+    assert len(result.added) == 1 and result.added[0].startswith("new_method/reference")
+    status = [r for r in result.regressions if r.kind == "status"]
+    assert len(status) == 1 and "ok -> oom: out of memory" in status[0].detail
+    md = compare.to_markdown(result)
+    assert "### Removed cells (2)" in md and "### Added cells (1)" in md and "Regression" in md
+
+
+def test_accuracy_drop_and_fidelity_growth() -> None:
+    base, cand = campaign(0), campaign(1)
+    for r in cand:
+        if r["method"] == "linear" and r["kv_len"] == 1024:
+            r["accuracy"] = 0.8  # -0.1, beyond the 0.02 tolerance
+        if r["method"] == "sliding_window" and r["kv_len"] == 2048:
+            r["fidelity_rel"] = 5e-3  # 5x the error
+        if r["method"] == "softmax" and r["kv_len"] == 512:
+            r["fidelity_rel"] = 1.2e-3  # +20%: within tolerance
+            r["accuracy"] = 0.89  # -0.01: within tolerance
+    result = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    kinds = sorted((r.kind, r.cell.split(" ")[0]) for r in result.regressions)
+    assert kinds == [("accuracy", "linear/reference")] * 2 + [("fidelity", "sliding_window/reference")] * 2
+
+
+def test_ratio_ci_brackets_a_known_shift() -> None:
+    rng = np.random.default_rng(0)
+    base, cand = rng.lognormal(0, 0.05, 30), 2 * rng.lognormal(0, 0.05, 30)
+    ratio, lo, hi = compare.ratio_ci(base, cand)
+    assert 1.85 < lo < ratio < hi < 2.15
+    assert compare.ratio_ci(base, cand) == (ratio, lo, hi)  # fixed seed: reproducible verdicts
+
+
+def write(folder: Path, rows: list[dict]) -> Path:
+    for r in rows:
+        write_row(folder, r)
+    return folder
+
+
+def test_cli_exit_codes_and_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = write(tmp_path / "base", campaign(0))
+    same = write(tmp_path / "same", campaign(1))
+    slow = write(tmp_path / "slow", campaign(1, {"linear/reference": 2.0}))
+    verdict = tmp_path / "v.json"
+    assert compare.main([str(base), str(same), "--normalize-by", "sdpa", "--json", str(verdict)]) == 0
+    assert json.loads(verdict.read_text())["verdict"] == "ok"
+    assert "No regression" in capsys.readouterr().out
+    assert compare.main([str(base), str(slow), "--normalize-by", "sdpa", "--json", "-"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["verdict"] == "regression" and out["regressions"][0]["cell"].startswith("linear/reference")
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = write(tmp_path / "base", campaign(0)[:4])
+    corrupt = write(tmp_path / "corrupt", campaign(1)[:4])
+    (corrupt / "broken.parquet").write_bytes(b"not parquet")
+    (tmp_path / "empty").mkdir()
+    other = write(tmp_path / "other", [make_row("x", task="needle", method="zzz")])
+    for cand in (corrupt, tmp_path / "empty", tmp_path / "missing", other):
+        assert compare.main([str(base), str(cand)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+    assert compare.main([str(base), str(corrupt)]) == 2 and "broken.parquet" in capsys.readouterr().err
+
+
+def test_keys_include_task_keys_not_metrics() -> None:
+    rows = [make_row("a", task="needle", depth=0.5, variant="single", hits=3, trials=4, margin=0.1)]
+    keys = compare.key_columns(frame(rows))
+    assert {"depth", "variant", "input_dist", "method_params"} <= set(keys)
+    assert not {"hits", "trials", "margin", "hardware", "run_id", "cell_id", "threads"} & set(keys)
