@@ -19,6 +19,8 @@ from torch import nn
 ImplKind = Literal["reference", "kernel", "peer"]
 MODES = ("fwd", "bwd", "fwd_bwd", "decode")
 DTYPES = ("float32", "float16", "bfloat16")
+# FLOPs of each mode relative to one forward pass, the convention of `Attention.flops` (backward 2.5x).
+MODE_FLOPS_FACTOR = {"fwd": 1.0, "decode": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 
 class Unsupported(Exception):
@@ -141,14 +143,14 @@ class Attention(nn.Module, abc.ABC):
         """FLOPs from the exact computed area: QK^T and PV are 2*D FLOPs per pair each.
 
         Backward counts 2.5x forward (five matmuls instead of two), as
-        FlashAttention's benchmarks do.
+        FlashAttention's benchmarks do (`MODE_FLOPS_FACTOR`).
         """
         if mode == "decode":
             pairs = self.computed_pairs(1, shape.kv_len, True)
         else:
             pairs = self.computed_pairs(shape.seq_len, shape.kv_len, shape.causal)
         fwd = 4 * shape.batch * shape.heads * pairs * shape.head_dim
-        return int(fwd * {"fwd": 1.0, "decode": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode])
+        return int(fwd * MODE_FLOPS_FACTOR[mode])
 
     def state_bytes(self, batch: int, heads: int, context: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes a decoder keeps per layer at context N: a full KV cache for exact attention."""

@@ -25,12 +25,19 @@ from __future__ import annotations
 
 import torch
 
-from methods.base import Attention, KVCache
+from methods.base import KVCache
 from methods.masks import MaskMod, block_table
 from methods.registry import method, register, triton_guard
 from methods.sparse_decode import attend_positions
-from methods.sparse_layout import TileGrid, build_layout, expand_block_table, mask_to_lists, pairs_in_blocks
-from methods.sparse_patterns import FLEX, FLEX_GUARD, KERNEL, REFERENCE, flex_forward
+from methods.sparse_layout import (
+    BlockLayout,
+    TileGrid,
+    build_layout,
+    expand_block_table,
+    mask_to_lists,
+    pairs_in_blocks,
+)
+from methods.sparse_patterns import FLEX, FLEX_GUARD, KERNEL, REFERENCE, FixedPattern, flex_forward
 from methods.sparse_reference import attend, gathered_attention
 
 _M31 = 0x7FFFFFFF
@@ -55,7 +62,7 @@ method(
 )
 
 
-class BigBird(Attention):
+class BigBird(FixedPattern):
     def __init__(
         self, block: int = 64, window_blocks: int = 3, global_blocks: int = 2, random_blocks: int = 3, seed: int = 0
     ):
@@ -123,24 +130,25 @@ class BigBird(Attention):
             )
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
+    def _kernel_layout(self, n_q: int, n_k: int, tiles: tuple[int, int], causal: bool, device) -> BlockLayout:
+        pattern = TileGrid.bottom_right(n_q, n_k, self.block)
+        grid = TileGrid.bottom_right(n_q, n_k, *tiles)
+        select = expand_block_table(self.table(pattern, causal, device), self.block, pattern.first_tile, grid)
+        return build_layout(grid, causal, select=select, device=device)
+
     def _kernel(self, q, k, v, causal):
         from methods.kernels.block_sparse import block_sparse_attention, kernel_tiles
 
         n_q, n_k = q.shape[-2], k.shape[-2]
-        pattern = TileGrid.bottom_right(n_q, n_k, self.block)
-        grid = TileGrid.bottom_right(n_q, n_k, *kernel_tiles(n_q, n_k, q.shape[-1], pattern_block=self.block))
-        select = expand_block_table(self.table(pattern, causal, q.device), self.block, pattern.first_tile, grid)
-        layout = build_layout(grid, causal, select=select, device=q.device)
+        tiles = kernel_tiles(n_q, n_k, q.shape[-1], pattern_block=self.block)
+        key = ("kernel", n_q, n_k, tiles, causal, str(q.device))
+        layout = self._layouts().get(key, lambda: self._kernel_layout(n_q, n_k, tiles, causal, q.device))
         return block_sparse_attention(q, k, v, layout, causal=causal)
 
-    def forward(self, q, k, v, causal=False):
-        if self.kind == "kernel":
-            return self._kernel(q, k, v, causal)
-        if self.kind == "peer":
-            mm = self.mask_mod(q.shape[-2], k.shape[-2], causal, q.device)
-            key = (self.method, self.block, self.window_blocks, self.global_blocks, self.random_blocks, self.seed)
-            return flex_forward(q, k, v, causal, key, mm)
-        return self._reference(q, k, v, causal)
+    def _flex(self, q, k, v, causal):
+        mm = self.mask_mod(q.shape[-2], k.shape[-2], causal, q.device)
+        key = (self.method, self.block, self.window_blocks, self.global_blocks, self.random_blocks, self.seed)
+        return flex_forward(q, k, v, causal, key, mm)
 
     # --- decode: random blocks may land anywhere in the past, so the full cache stays; a step reads its row only ---
     def prefill(self, k, v, extra: int = 1):

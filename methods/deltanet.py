@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Attention, Capabilities, Shape, Unsupported
+from methods.base import MODE_FLOPS_FACTOR, Attention, Capabilities, Shape, Unsupported
 from methods.registry import method, register, triton_guard
 
 NOTE = "DeltaNet is a causal recurrence: its state depends on token order and no bidirectional form is defined"
@@ -323,7 +323,7 @@ class DeltaNetReference(Attention):
         if mode == "decode":
             return shape.batch * shape.heads * 6 * d * d
         fwd = deltanet_flops(shape.batch, shape.heads, shape.kv_len, d, d, self.chunk_size)
-        return int(fwd * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode])
+        return int(fwd * MODE_FLOPS_FACTOR[mode])
 
     def state_bytes(self, batch: int, heads: int, context: int, head_dim: int, dtype: torch.dtype) -> int:
         """d_k x d_v per head, independent of the context; kept in fp32 (8 bytes for fp64 inputs)."""

@@ -42,7 +42,7 @@ import torch
 from methods.base import Attention, Capabilities, KVCache, computed_pairs_dense
 from methods.registry import method, register, triton_guard
 from methods.sparse_decode import attend_contiguous
-from methods.sparse_layout import TileGrid, TokenTerms, build_layout
+from methods.sparse_layout import LayoutCache, TileGrid, TokenTerms, build_layout
 from methods.sparse_reference import attend, compute_dtype, gathered_attention, merge_partials
 
 method(
@@ -79,6 +79,7 @@ class HyperAttention(Attention):
         self.block, self.sample_size, self.n_projs = int(block), int(sample_size), int(n_projs)
         self.min_seq_len, self.seed = int(min_seq_len), int(seed)
         self._cache: dict[tuple, torch.Tensor] = {}
+        self._layouts = LayoutCache()  # kernel block lists depend on the shape only (sorted space)
 
     # --- seeded randomness, cached per shape and device ---
     def _projections(self, head_dim: int, device) -> torch.Tensor:
@@ -138,7 +139,8 @@ class HyperAttention(Attention):
 
             grid = TileGrid.bottom_right(n, n, *kernel_tiles(n, n, q_s.shape[-1]))
             terms = TokenTerms(local=block)
-            layout = build_layout(grid, False, terms, device=q_s.device)
+            key = ("diagonal", grid, str(q_s.device))
+            layout = self._layouts.get(key, lambda: build_layout(grid, False, terms, device=q_s.device))
             return block_sparse_attention(
                 q_s, k_s, v_s, layout, causal=False, terms=terms, return_lse=True, out_dtype=torch.float32
             )
@@ -151,8 +153,9 @@ class HyperAttention(Attention):
             from methods.kernels.block_sparse import block_sparse_attention, kernel_tiles
 
             grid = TileGrid.bottom_right(n, n, *kernel_tiles(n, n, q.shape[-1]))
-            every = torch.ones(grid.n_tiles, grid.n_key_blocks, dtype=torch.bool, device=q.device)
-            layout = build_layout(grid, True, select=every, device=q.device)
+            every = lambda: torch.ones(grid.n_tiles, grid.n_key_blocks, dtype=torch.bool, device=q.device)  # noqa: E731
+            key = ("causal", grid, str(q.device))
+            layout = self._layouts.get(key, lambda: build_layout(grid, True, select=every(), device=q.device))
             return block_sparse_attention(q, k, v, layout, causal=True, return_lse=True, out_dtype=torch.float32)
         keep = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         return attend(q, k, v, keep=keep, return_lse=True)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Attention, Capabilities, Shape, Unsupported
+from methods.base import MODE_FLOPS_FACTOR, Attention, Capabilities, Shape, Unsupported
 from methods.registry import method, register, triton_guard
 
 # --- Nyströmformer --------------------------------------------------------------------------------------------
@@ -75,6 +75,12 @@ def iterative_pinv(a: torch.Tensor, iters: int = 6) -> torch.Tensor:
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _require_one_head_dim(q: torch.Tensor, v: torch.Tensor) -> None:
+    """The kernel impls run `flash_attention_forward`, which takes one head dim for q, k and v."""
+    if q.shape[-1] != v.shape[-1]:
+        raise Unsupported("the flash kernel needs q, k and v to share one head dim")
 
 
 @register(
@@ -179,7 +185,7 @@ class NystromReference(Attention):
         if self.conv_kernel:
             per_head += 2 * n_k * d * self.conv_kernel
         fwd = shape.batch * shape.heads * per_head
-        return int(fwd * {"fwd": 1.0, "decode": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode])
+        return int(fwd * MODE_FLOPS_FACTOR[mode])
 
     def state_bytes(self, batch: int, heads: int, context: int, head_dim: int, dtype: torch.dtype) -> int:
         """What answers a new query: the key landmarks K~ and `pinv(K2) K3 V`, m x d each (built from all N)."""
@@ -205,8 +211,7 @@ class NystromKernel(NystromReference):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: int, io_dtype: torch.dtype) -> torch.Tensor:
         from methods.kernels.flash_fwd import flash_attention_forward
 
-        if q.shape[-1] != v.shape[-1]:
-            raise Unsupported("the flash kernel needs q, k and v to share one head dim")
+        _require_one_head_dim(q, v)
         scale = 1.0 / math.sqrt(q.shape[-1])
         q_l, k_l = segment_means(q, m), segment_means(k, m)
         kernel_2 = torch.softmax(q_l @ k_l.transpose(-1, -2) * scale, dim=-1)
@@ -297,7 +302,7 @@ class LinformerReference(Attention):
         n_q = 1 if mode == "decode" else shape.seq_len
         per_head = 4 * self.k * shape.kv_len * shape.head_dim + 4 * n_q * self.k * shape.head_dim
         fwd = shape.batch * shape.heads * per_head
-        return int(fwd * {"fwd": 1.0, "decode": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode])
+        return int(fwd * MODE_FLOPS_FACTOR[mode])
 
     def state_bytes(self, batch: int, heads: int, context: int, head_dim: int, dtype: torch.dtype) -> int:
         """The projected keys and values, k x d each (built from all N tokens)."""
@@ -320,8 +325,7 @@ class LinformerKernel(LinformerReference):
         from methods.kernels.flash_fwd import flash_attention_forward
 
         self._check(k.shape[-2], causal)
-        if q.shape[-1] != v.shape[-1]:
-            raise Unsupported("the flash kernel needs q, k and v to share one head dim")
+        _require_one_head_dim(q, v)
         dtype = _compute_dtype(q.dtype)
         k_p, v_p = self.project(k.to(dtype), v.to(dtype))
         return flash_attention_forward(q, k_p.to(q.dtype), v_p.to(q.dtype))

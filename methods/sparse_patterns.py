@@ -25,6 +25,7 @@ from methods.masks import MaskMod, window_extent, with_causal
 from methods.registry import method, package_guard, register, triton_guard
 from methods.sparse_decode import StridedCache, WindowCache, attend_contiguous, attend_positions
 from methods.sparse_layout import (
+    LayoutCache,
     TileGrid,
     TokenTerms,
     build_layout,
@@ -63,10 +64,40 @@ def flex_forward(q, k, v, causal: bool, cache_key: tuple, mask_mod: MaskMod) -> 
     return _compiled_flex()(q, k, v, block_mask=_FLEX_MASKS[key])
 
 
-# --- the shared machinery of token-term patterns ------------------------------------------
+# --- the shared machinery of fixed patterns ------------------------------------------------
 
 
-class TokenPattern(Attention):
+class FixedPattern(Attention):
+    """A data-independent pattern run three ways, chosen by the impl's kind: `_reference` (PyTorch),
+    `_kernel` (the block-sparse Triton kernel) and `_flex` (the FlexAttention peer).
+
+    The block lists depend on the shape only, so `_layouts()` keeps them per
+    shape and device, built on first use, outside the timed calls that follow.
+    """
+
+    def _layouts(self) -> LayoutCache:
+        if "_layout_cache" not in self.__dict__:
+            self._layout_cache = LayoutCache()
+        return self._layout_cache
+
+    def _reference(self, q, k, v, causal):
+        raise NotImplementedError
+
+    def _kernel(self, q, k, v, causal):
+        raise NotImplementedError
+
+    def _flex(self, q, k, v, causal):
+        raise NotImplementedError
+
+    def forward(self, q, k, v, causal=False):
+        if self.kind == "kernel":
+            return self._kernel(q, k, v, causal)
+        if self.kind == "peer":
+            return self._flex(q, k, v, causal)
+        return self._reference(q, k, v, causal)
+
+
+class TokenPattern(FixedPattern):
     """A pattern that is a union of token terms; subclasses say which terms and how they decode.
 
     `gathered_terms` are the terms the reference reaches through per-tile key
@@ -101,15 +132,20 @@ class TokenPattern(Attention):
         return self.terms(causal).mask_mod(n_k - n_q)
 
     # --- the three ways to run it ---
+    def _reference_blocks(self, n_q: int, n_k: int, causal: bool, device) -> torch.Tensor:
+        """(1, 1, n_tiles, L) key blocks each reference tile gathers: those its gathered terms reach."""
+        grid = TileGrid.bottom_right(n_q, n_k, self.ref_block)
+        reach = torch.zeros(grid.n_tiles, grid.n_key_blocks, dtype=torch.bool, device=device)
+        for any_, _ in term_tables(self.gathered_terms(causal), grid, device).values():
+            reach = reach | any_
+        return mask_to_lists(reach & causal_tables(grid, causal, device)[0])[1][None, None]
+
     def _reference(self, q, k, v, causal):
         n_q, n_k = q.shape[-2], k.shape[-2]
-        grid = TileGrid.bottom_right(n_q, n_k, self.ref_block)
-        reach = torch.zeros(grid.n_tiles, grid.n_key_blocks, dtype=torch.bool, device=q.device)
-        for any_, _ in term_tables(self.gathered_terms(causal), grid, q.device).values():
-            reach = reach | any_
-        _, blocks = mask_to_lists(reach & causal_tables(grid, causal, q.device)[0])
+        key = ("reference", n_q, n_k, causal, str(q.device))
+        blocks = self._layouts().get(key, lambda: self._reference_blocks(n_q, n_k, causal, q.device))
         return gathered_attention(
-            q, k, v, block=self.ref_block, kv_blocks=blocks[None, None], causal=causal,
+            q, k, v, block=self.ref_block, kv_blocks=blocks, causal=causal,
             mask_mod=self.mask_mod(n_q, n_k, causal), shared_keys=self.shared_keys(n_k, q.device),
         )  # fmt: skip
 
@@ -117,21 +153,16 @@ class TokenPattern(Attention):
         from methods.kernels.block_sparse import block_sparse_attention, kernel_tiles
 
         n_q, n_k = q.shape[-2], k.shape[-2]
-        grid = TileGrid.bottom_right(n_q, n_k, *kernel_tiles(n_q, n_k, q.shape[-1]))
+        tiles = kernel_tiles(n_q, n_k, q.shape[-1])
         terms = self.terms(causal)
-        layout = build_layout(grid, causal, terms, device=q.device)
+        key = ("kernel", n_q, n_k, tiles, causal, str(q.device))
+        grid = TileGrid.bottom_right(n_q, n_k, *tiles)
+        layout = self._layouts().get(key, lambda: build_layout(grid, causal, terms, device=q.device))
         return block_sparse_attention(q, k, v, layout, causal=causal, terms=terms)
 
     def _flex(self, q, k, v, causal):
         n_q, n_k = q.shape[-2], k.shape[-2]
         return flex_forward(q, k, v, causal, (self.method, *self.params()), self.mask_mod(n_q, n_k, causal))
-
-    def forward(self, q, k, v, causal=False):
-        if self.kind == "kernel":
-            return self._kernel(q, k, v, causal)
-        if self.kind == "peer":
-            return self._flex(q, k, v, causal)
-        return self._reference(q, k, v, causal)
 
 
 def _visible_hi(pos: torch.Tensor, n_k: int, causal: bool) -> torch.Tensor:

@@ -12,22 +12,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FLOOR, max_err
 
 from methods import Unsupported, build, get_method
 from methods.base import Shape
 from methods.deltanet import DeltaState, delta_rule_chunked, delta_rule_recurrent
 
 LENGTHS = [1, 17, 100, 300]
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Token loops of tiny ops: on 2 shared cores a second intra-op thread only adds contention (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def naive_deltanet(q, k, v, w_beta, scale=None, activation="identity"):
@@ -61,10 +52,6 @@ def naive_deltanet(q, k, v, w_beta, scale=None, activation="identity"):
 def inputs(n, d_k=32, d_v=None, dtype=torch.float32, b=1, h=2):
     d_v = d_k if d_v is None else d_v
     return torch.randn(b, h, n, d_k).to(dtype), torch.randn(b, h, n, d_k).to(dtype), torch.randn(b, h, n, d_v).to(dtype)
-
-
-def max_err(out, ref):
-    return float((out.detach().double() - ref.detach()).abs().max())
 
 
 @pytest.mark.parametrize("n", LENGTHS)

@@ -12,6 +12,7 @@ import itertools
 
 import pytest
 import torch
+from helpers import FLOOR, max_err
 
 from methods import build
 from methods.kernels.block_sparse import block_sparse_attention, gather_attention, kernel_tiles
@@ -19,7 +20,6 @@ from methods.masks import dense_mask
 from methods.oracle import oracle_attention
 from methods.sparse_layout import TileGrid, TokenTerms, build_layout
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3}
 PARAMS = {
     "sliding_window": {"window": 40},
     "sink_window": {"window": 40, "sinks": 3},
@@ -39,10 +39,6 @@ CASES = [
 
 def inputs(n_q, n_k, d=32, dtype=torch.float32, b=1, h=2):
     return tuple(torch.randn(b, h, n, d).to(dtype) for n in (n_q, n_k, n_k))
-
-
-def max_err(out, ref):
-    return float((out.double() - ref).abs().max()) if out.numel() else 0.0
 
 
 def mask_of(name, attn, q, k, causal):

@@ -10,22 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FLOOR, max_err
 
 from methods import METHODS, build
 from methods.kernels.chunked_linear import choose_config, chunked_linear_attention_forward
 from methods.linear_attention import linear_attention_chunked, linear_attention_step, naive_linear_attention
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 LENGTHS = [(1, 1), (17, 17), (100, 100), (300, 300), (17, 300), (300, 17)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The interpreter runs numpy on small tiles: intra-op threads only add contention here. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def features(n_q: int, n_k: int, feat: int, dv: int, dtype: torch.dtype = torch.float32, b: int = 1, h: int = 2):
@@ -33,10 +24,6 @@ def features(n_q: int, n_k: int, feat: int, dv: int, dtype: torch.dtype = torch.
     phi_q = F.elu(torch.randn(b, h, n_q, feat)) + 1
     phi_k = F.elu(torch.randn(b, h, n_k, feat)) + 1
     return phi_q.to(dtype), phi_k.to(dtype), torch.randn(b, h, n_k, dv).to(dtype)
-
-
-def max_err(out: torch.Tensor, exact: torch.Tensor) -> float:
-    return float((out.detach().double() - exact.detach().double()).abs().max()) if out.numel() else 0.0
 
 
 def check(phi_q, phi_k, v, causal: bool, decay: torch.Tensor | None = None, normalize: bool = True, chunk: int = 64):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_deltanet import FLOOR, _one_thread, inputs, max_err, naive_deltanet  # noqa: F401 (autouse fixture)
+from helpers import FLOOR, max_err
+from test_deltanet import inputs, naive_deltanet
 
 from methods import Unsupported, build
 from methods.deltanet import delta_rule_chunked
@@ -57,7 +58,7 @@ def test_tensor_core_path_fp16(monkeypatch):
     """
     import methods.kernels.deltanet_chunk as chunk
 
-    monkeypatch.setattr(chunk, "_dot_fp32", lambda out_dtype: False)
+    monkeypatch.setattr(chunk, "dot_fp32", lambda dtype: False)
     _check(*inputs(300, d_k=64, dtype=torch.float16))
 
 

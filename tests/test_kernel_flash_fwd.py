@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import FLOOR, max_err
 
 from methods import build
 from methods.kernels.flash_fwd import flash_attention_forward
 from methods.oracle import oracle_attention
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 LENGTHS = [(1, 1), (17, 17), (128, 128), (300, 300), (17, 300), (300, 17)]
 
 
@@ -26,10 +26,6 @@ def _qkv(n_q: int, n_k: int, head_dim: int, dtype: torch.dtype, batch: int = 1, 
     return q, k, v
 
 
-def _max_err(out: torch.Tensor, exact: torch.Tensor) -> float:
-    return float((out.to(torch.float64) - exact).abs().max())
-
-
 def _check_against_oracle(q, k, v, causal: bool) -> None:
     """Kernel error <= 2 x (same-dtype PyTorch reference error) + floor, both against fp64."""
     exact = oracle_attention(q, k, v, causal=causal, dtype=torch.float64)
@@ -37,7 +33,7 @@ def _check_against_oracle(q, k, v, causal: bool) -> None:
     out = flash_attention_forward(q, k, v, causal=causal)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not torch.isnan(out).any()
-    kernel_err, ref_err = _max_err(out, exact), _max_err(reference, exact)
+    kernel_err, ref_err = max_err(out, exact), max_err(reference, exact)
     bound = 2 * ref_err + FLOOR[q.dtype]
     assert kernel_err <= bound, f"kernel err {kernel_err:.3g} > bound {bound:.3g} (reference err {ref_err:.3g})"
 
@@ -77,7 +73,7 @@ def test_custom_scale() -> None:
     q, k, v = _qkv(33, 70, 32, torch.float32)
     exact = oracle_attention(q, k, v, causal=True, scale=0.3)
     out = flash_attention_forward(q, k, v, causal=True, scale=0.3)
-    assert _max_err(out, exact) < 1e-5
+    assert max_err(out, exact) < 1e-5
 
 
 @pytest.mark.parametrize("n_q,n_k", [(300, 17), (70, 5), (5, 1)])
@@ -89,7 +85,7 @@ def test_rows_without_keys_are_zero(n_q: int, n_k: int) -> None:
     assert torch.equal(out[:, :, :empty], torch.zeros_like(out[:, :, :empty]))
     assert not torch.isnan(out).any()
     assert out[:, :, empty:].abs().amax() > 0
-    assert _max_err(out, oracle_attention(q, k, v, causal=True)) < 1e-5
+    assert max_err(out, oracle_attention(q, k, v, causal=True)) < 1e-5
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -104,7 +100,7 @@ def test_non_contiguous_inputs(causal: bool) -> None:
     out = flash_attention_forward(q, k, v, causal=causal)
     ref = flash_attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    assert _max_err(out, oracle_attention(q, k, v, causal=causal)) < 1e-5
+    assert max_err(out, oracle_attention(q, k, v, causal=causal)) < 1e-5
 
 
 def test_no_keys_gives_zeros() -> None:
@@ -115,7 +111,7 @@ def test_no_keys_gives_zeros() -> None:
 def test_kernel_impl_via_registry() -> None:
     q, k, v = _qkv(40, 40, 32, torch.float32)
     out = build("softmax", impl="kernel")(q, k, v, causal=True)
-    assert _max_err(out, oracle_attention(q, k, v, causal=True)) < 1e-5
+    assert max_err(out, oracle_attention(q, k, v, causal=True)) < 1e-5
 
 
 @pytest.mark.parametrize(

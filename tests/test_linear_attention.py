@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from helpers import FLOOR, max_err
 
 from methods import METHODS, Unsupported, build
 from methods.base import Shape
@@ -24,28 +25,14 @@ from methods.linear_attention import (
     naive_linear_attention,
 )
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 LENGTHS = [(1, 1), (17, 17), (100, 100), (300, 300), (17, 300), (300, 17)]
 IDS = [f"{a}x{b}" for a, b in LENGTHS]
 # based is tested separately: its window half comes from the sparse family.
 METHOD_PARAMS = {"linear": {}, "performer": {"nb_features": 64}, "cosformer": {}, "lightning": {}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on 2 shared cores: intra-op threads only add contention (100x slower exp() here). Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def qkv(n_q: int, n_k: int, d: int = 32, dtype: torch.dtype = torch.float32, b: int = 1, h: int = 2):
     return tuple(torch.randn(b, h, n, d).to(dtype) for n in (n_q, n_k, n_k))
-
-
-def max_err(out: torch.Tensor, exact: torch.Tensor) -> float:
-    return float((out.detach().double() - exact.detach().double()).abs().max()) if out.numel() else 0.0
 
 
 def bound(same_dtype_err: float, exact: torch.Tensor, dtype: torch.dtype) -> float:

@@ -19,15 +19,6 @@ from methods.feature_maps import (
 from methods.oracle import oracle_attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on shared cores: intra-op threads only add contention. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_elu_and_silu_maps():
     x = torch.randn(2, 3, 50, 16)
     phi = EluFeatureMap()(x, is_query=True)

@@ -7,31 +7,17 @@ import math
 
 import pytest
 import torch
+from helpers import FLOOR, max_err
 
 from methods import Unsupported, build, get_method
 from methods.base import Shape
 from methods.lowrank import iterative_pinv, segment_means
 from methods.oracle import oracle_attention
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These are many tiny ops: on 2 shared cores a second intra-op thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def inputs(n_q, n_k=None, d=32, dtype=torch.float32, b=1, h=2):
     n_k = n_q if n_k is None else n_k
     return torch.randn(b, h, n_q, d).to(dtype), torch.randn(b, h, n_k, d).to(dtype), torch.randn(b, h, n_k, d).to(dtype)
-
-
-def max_err(out, ref):
-    return float((out.detach().double() - ref.detach().double()).abs().max())
 
 
 # --- Nystromformer: its definition, plainly -------------------------------------------------------------------

@@ -2,22 +2,18 @@
 
 import pytest
 import torch
+from helpers import FLOOR, max_err
 
 from methods import UnknownName, Unsupported, build
 from methods.base import Shape
 from methods.oracle import oracle_attention
 
 LENGTHS = [(1, 1), (17, 17), (128, 128), (300, 300), (17, 300), (300, 17)]
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3}
 
 
 def inputs(n_q, n_k, d, dtype, b=1, h=2):
     q, k, v = torch.randn(b, h, n_q, d), torch.randn(b, h, n_k, d), torch.randn(b, h, n_k, d)
     return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def max_err(out, ref):
-    return float((out.double() - ref).abs().max())
 
 
 @pytest.mark.parametrize("causal", [False, True])

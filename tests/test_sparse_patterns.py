@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import max_err
 
 from methods import Unsupported, build
 from methods.base import Shape
@@ -30,10 +31,6 @@ FIXED = list(PARAMS)
 
 def inputs(n_q, n_k, d=16, dtype=torch.float32, b=1, h=2):
     return tuple(torch.randn(b, h, n, d).to(dtype) for n in (n_q, n_k, n_k))
-
-
-def max_err(out, ref):
-    return float((out.double() - ref).abs().max()) if out.numel() else 0.0
 
 
 def pattern_mask(attn, n_q, n_k, causal):

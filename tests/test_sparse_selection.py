@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers import max_err
 
 from methods import build, get_method
 from methods.base import computed_pairs_dense
@@ -23,10 +24,6 @@ IDS = [f"{a}x{b}" for a, b in LENGTHS]
 
 def inputs(n_q, n_k, d=16, dtype=torch.float32, b=1, h=2):
     return tuple(torch.randn(b, h, n, d).to(dtype) for n in (n_q, n_k, n_k))
-
-
-def max_err(out, ref):
-    return float((out.detach().double() - ref.detach()).abs().max()) if out.numel() else 0.0
 
 
 def grads_against(attn, mask_mod, causal, n_q=40, n_k=56):

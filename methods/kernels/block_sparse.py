@@ -32,8 +32,10 @@ HyperAttention's sampled columns, decode steps over selected cache entries):
 each query row loads its own list of key indices, so it cannot use tensor
 cores; it computes scores as row-wise dot products, FlashDecoding style.
 
-Both kernels are forward-only. Under Triton's interpreter (`TRITON_INTERPRET=1`)
-they run on CPU tensors for the tests; see flash_fwd.py for `DOT_FP32`.
+Both kernels are forward-only and fold their keys with the online softmax of
+`methods/kernels/common.py` (the block-sparse kernel's tile loop body is
+flash_fwd's). Under Triton's interpreter (`TRITON_INTERPRET=1`) they run on
+CPU tensors for the tests; see `common.dot_fp32` for `DOT_FP32`.
 """
 
 from __future__ import annotations
@@ -44,7 +46,19 @@ import torch
 import triton
 import triton.language as tl
 
-from methods.kernels.flash_fwd import _LOG2E, _check_inputs, _interpreting
+from methods.kernels.common import (
+    LOG2E,
+    attention_tiles,
+    check_attention_inputs,
+    dot_fp32,
+    dot_tile,
+    finish_rows,
+    fold_key_tile,
+    interpreting,
+    is_dot_tile,
+    online_softmax_step,
+    warps_for_head_dim,
+)
 from methods.sparse_layout import BlockLayout, TokenTerms
 
 __all__ = ["block_sparse_attention", "gather_attention", "kernel_tiles"]
@@ -91,30 +105,10 @@ def _fold_blocks(
     MASKED=False is the full-block loop (lists are processed full first, so
     every row's max is finite before a masked block can leave it at -inf).
     """
-    offs_n_base = tl.arange(0, BLOCK_N)
-    d_mask = offs_d < HEAD_DIM
     for e in range(0, num):
-        kb = tl.load(idx_ptr + e * stride_e)
-        start_n = kb * BLOCK_N
-        offs_n = start_n + offs_n_base
-        k_ptrs = (
-            k_base + start_n.to(tl.int64) * stride_kn + offs_n_base[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        )
-        v_ptrs = (
-            v_base + start_n.to(tl.int64) * stride_vn + offs_n_base[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        )
+        start_n = tl.load(idx_ptr + e * stride_e) * BLOCK_N
         if MASKED:
-            kv_mask = (offs_n[:, None] < n_k) & d_mask[None, :]
-        else:
-            kv_mask = d_mask[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        qk = qk * qk_scale
-
-        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
             keep = offs_n[None, :] < n_k
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= pos_m[:, None])
@@ -134,23 +128,13 @@ def _fold_blocks(
                 if COLUMNS:
                     hit = hit | ((offs_n % col_stride)[None, :] >= col_first)
                 keep = keep & hit
-            qk = tl.where(keep, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_sub = m_new
-
-        p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+            keep = 0  # not read: full blocks take every element
+        acc, l_i, m_i = fold_key_tile(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            start_n, offs_d, n_k, qk_scale, keep,
+            HEAD_DIM, BLOCK_N, MASKED, DOT_FP32,
+        )  # fmt: skip
     return acc, l_i, m_i
 
 
@@ -241,21 +225,30 @@ def _block_sparse_fwd_kernel(
 
     num_base = Num + off_z * stride_nz + off_h * stride_nh + tile * stride_nt
     idx_base = Idx + off_z * stride_iz + off_h * stride_ih + tile * stride_it
-    for kind in tl.static_range(3):  # 0 full, 1 edge, 2 partial
-        n_blocks = tl.load(num_base + kind * stride_nl)
-        acc, l_i, m_i = _fold_blocks(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            idx_base + kind * stride_il, stride_ie, n_blocks, pos_m, offs_d, n_k, qk_scale,
-            band_left, band_right, n_sinks, local, col_stride, col_first,
-            HEAD_DIM, BLOCK_N, kind > 0, kind == 2, CAUSAL, BAND, SINKS, LOCAL, COLUMNS, DOT_FP32,
-        )  # fmt: skip
+    # Full blocks first (no mask), then edge blocks (causal + bounds), then partial blocks (+ pattern terms).
+    acc, l_i, m_i = _fold_blocks(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        idx_base, stride_ie, tl.load(num_base), pos_m, offs_d, n_k, qk_scale,
+        band_left, band_right, n_sinks, local, col_stride, col_first,
+        HEAD_DIM, BLOCK_N, False, False, CAUSAL, BAND, SINKS, LOCAL, COLUMNS, DOT_FP32,
+    )  # fmt: skip
+    acc, l_i, m_i = _fold_blocks(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        idx_base + stride_il, stride_ie, tl.load(num_base + stride_nl), pos_m, offs_d, n_k, qk_scale,
+        band_left, band_right, n_sinks, local, col_stride, col_first,
+        HEAD_DIM, BLOCK_N, True, False, CAUSAL, BAND, SINKS, LOCAL, COLUMNS, DOT_FP32,
+    )  # fmt: skip
+    acc, l_i, m_i = _fold_blocks(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        idx_base + 2 * stride_il, stride_ie, tl.load(num_base + 2 * stride_nl), pos_m, offs_d, n_k, qk_scale,
+        band_left, band_right, n_sinks, local, col_stride, col_first,
+        HEAD_DIM, BLOCK_N, True, True, CAUSAL, BAND, SINKS, LOCAL, COLUMNS, DOT_FP32,
+    )  # fmt: skip
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out, lse = finish_rows(acc, l_i, m_i)
     o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
     if HAS_LSE:
-        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
         l_ptrs = Lse + off_z * stride_lz + off_h * stride_lh + offs_m.to(tl.int64) * stride_lm
         tl.store(l_ptrs, lse, mask=row_ok)
 
@@ -344,17 +337,11 @@ def _gather_fwd_kernel(
         k = tl.load(k_base + row_off * stride_kn + offs_d[None, None, :] * stride_kd, mask=kv_mask, other=0.0)
         s = tl.sum(q[:, None, :] * k.to(tl.float32), 2) * qk_scale
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, True)
         v = tl.load(v_base + row_off * stride_vn + offs_d[None, None, :] * stride_vd, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), 1)
-        m_i = m_new
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out, lse = finish_rows(acc, l_i, m_i)
     o_ptrs = (
         Out
         + off_z * stride_oz
@@ -364,7 +351,6 @@ def _gather_fwd_kernel(
     )
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
     if HAS_LSE:
-        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
         tl.store(Lse + off_z * stride_lz + off_h * stride_lh + offs_m.to(tl.int64) * stride_lm, lse, mask=row_ok)
 
 
@@ -374,12 +360,9 @@ def kernel_tiles(n_q: int, n_k: int, head_dim: int, pattern_block: int | None = 
     With a block-level pattern the tiles must divide its block, so the block
     must be a power of two >= 16 (`tl.dot`'s smallest operand).
     """
-    block_m = min(64, max(16, triton.next_power_of_2(max(n_q, 1))))
-    block_n = min(64, max(16, triton.next_power_of_2(max(n_k, 1))))
-    if head_dim > 128 and not _interpreting():
-        block_n = min(block_n, 32)
+    block_m, block_n = attention_tiles(n_q, n_k, head_dim)
     if pattern_block is not None:
-        if pattern_block < 16 or pattern_block & (pattern_block - 1):
+        if not is_dot_tile(pattern_block):
             raise ValueError(f"the block-sparse kernel needs a power-of-two block >= 16, got {pattern_block}")
         block_m, block_n = min(block_m, pattern_block), min(block_n, pattern_block)
     return block_m, block_n
@@ -415,7 +398,7 @@ def block_sparse_attention(
     Returns:
         A tensor like `q` (and the lse). Rows that see no key are 0 (lse -inf).
     """
-    _check_inputs(q, k, v)
+    check_attention_inputs(q, k, v)
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     grid = layout.grid
@@ -440,13 +423,12 @@ def block_sparse_attention(
 
     band_left, band_right = terms.band or (0, 0)
     col_stride, col_summary = terms.columns or (1, 0)
-    dot_fp32 = _interpreting() or q.dtype == torch.float32
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = dot_tile(head_dim)
     _block_sparse_fwd_kernel[(grid.n_tiles, batch * heads)](
         q, k, v, out, lse, num, idx,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         *_broadcast_strides(num), *_broadcast_strides(idx),
-        heads, n_q, n_k, grid.q_start, grid.first_tile * grid.block_m, scale * _LOG2E,
+        heads, n_q, n_k, grid.q_start, grid.first_tile * grid.block_m, scale * LOG2E,
         band_left, band_right, terms.sinks, max(terms.local, 1), col_stride, col_stride - col_summary,
         HEAD_DIM=head_dim,
         BLOCK_M=grid.block_m,
@@ -458,8 +440,8 @@ def block_sparse_attention(
         LOCAL=terms.local > 0,
         COLUMNS=bool(terms.columns),
         HAS_LSE=return_lse,
-        DOT_FP32=dot_fp32,
-        num_warps=8 if block_d >= 128 else 4,
+        DOT_FP32=dot_fp32(q.dtype),
+        num_warps=warps_for_head_dim(block_d),
         num_stages=2,
     )  # fmt: skip
     return (out, lse) if return_lse else out
@@ -486,7 +468,7 @@ def gather_attention(
         return_lse: also return the natural log-sum-exp per query.
         out_dtype: dtype of the output (default q's).
     """
-    _check_inputs(q, k, v)
+    check_attention_inputs(q, k, v)
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
@@ -496,17 +478,17 @@ def gather_attention(
     if out.numel() == 0 or n_k == 0 or n_sel == 0:
         return (out, lse) if return_lse else out
     indices = indices.to(device=q.device, dtype=torch.int32)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if _interpreting():
+    block_d = dot_tile(head_dim)
+    if interpreting():
         block_m, block_n = 16, 64  # numpy-vectorised tiles: few programs, fast under the interpreter
     else:
         block_n = 32
         block_m = max(1, min(16, 4096 // (block_n * block_d)))  # keep the (M, N, D) tile in registers
-    block_n = min(block_n, max(16, triton.next_power_of_2(n_sel)))
+    block_n = min(block_n, dot_tile(n_sel))
     _gather_fwd_kernel[(triton.cdiv(n_q, block_m), batch * heads)](
         q, k, v, out, lse, indices,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *_broadcast_strides(indices),
-        heads, n_q, n_k, n_sel, scale * _LOG2E, max(exclude_block, 1),
+        heads, n_q, n_k, n_sel, scale * LOG2E, max(exclude_block, 1),
         HEAD_DIM=head_dim,
         BLOCK_M=block_m,
         BLOCK_N=block_n,

@@ -41,18 +41,27 @@ The kernel is forward-only.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from methods.kernels.common import (
+    check_4d,
+    check_dtypes_and_device,
+    dot_fp32,
+    dot_tile,
+    interpreting,
+    is_dot_tile,
+    load_rows,
+    store_rows,
+)
+
 __all__ = ["MAX_FEATURE_DIM", "MAX_VALUE_DIM", "chunked_linear_attention_forward", "choose_config"]
 
 MAX_FEATURE_DIM = 512
 MAX_VALUE_DIM = 256
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -138,21 +147,9 @@ def _chunked_linear_fwd_kernel(
             q_idx = pos - offset
             q_row = (q_idx >= 0) & k_row
             q_idx = tl.where(q_row, q_idx, 0)
-            q = tl.load(
-                q_base + q_idx[:, None].to(tl.int64) * stride_qm + offs_f[None, :] * stride_qf,
-                mask=q_row[:, None] & f_mask[None, :],
-                other=0.0,
-            )
-            k = tl.load(
-                k_base + pos[:, None].to(tl.int64) * stride_kn + offs_f[None, :] * stride_kf,
-                mask=k_row[:, None] & f_mask[None, :],
-                other=0.0,
-            )
-            v = tl.load(
-                v_base + pos[:, None].to(tl.int64) * stride_vn + offs_v[None, :] * stride_vd,
-                mask=k_row[:, None] & v_mask[None, :],
-                other=0.0,
-            )
+            q = load_rows(q_base, q_idx, q_row, stride_qm, offs_f, f_mask, stride_qf)
+            k = load_rows(k_base, pos, k_row, stride_kn, offs_f, f_mask, stride_kf)
+            v = load_rows(v_base, pos, k_row, stride_vn, offs_v, v_mask, stride_vd)
             if DOT_FP32:
                 q = q.to(tl.float32)
                 k = k.to(tl.float32)
@@ -186,11 +183,7 @@ def _chunked_linear_fwd_kernel(
             if NORMALIZE:
                 den = tl.sum(scores, 1) + tl.sum(q_in.to(tl.float32) * z[None, :], 1)
                 o = o / tl.maximum(den, eps)[:, None]
-            tl.store(
-                o_base + q_idx[:, None].to(tl.int64) * stride_om + offs_v[None, :] * stride_od,
-                o.to(Out.dtype.element_ty),
-                mask=q_row[:, None] & v_mask[None, :],
-            )
+            store_rows(o_base, q_idx, q_row, stride_om, offs_v, v_mask, stride_od, o)
 
             # Fold the chunk into the state.
             if DOT_FP32:
@@ -204,16 +197,8 @@ def _chunked_linear_fwd_kernel(
         for start in range(0, n_k, BLOCK_C):
             pos = start + offs_c
             k_row = pos < n_k
-            k = tl.load(
-                k_base + pos[:, None].to(tl.int64) * stride_kn + offs_f[None, :] * stride_kf,
-                mask=k_row[:, None] & f_mask[None, :],
-                other=0.0,
-            )
-            v = tl.load(
-                v_base + pos[:, None].to(tl.int64) * stride_vn + offs_v[None, :] * stride_vd,
-                mask=k_row[:, None] & v_mask[None, :],
-                other=0.0,
-            )
+            k = load_rows(k_base, pos, k_row, stride_kn, offs_f, f_mask, stride_kf)
+            v = load_rows(v_base, pos, k_row, stride_vn, offs_v, v_mask, stride_vd)
             if DOT_FP32:
                 s = tl.dot(tl.trans(k.to(tl.float32)), v.to(tl.float32), s, input_precision="ieee")
             else:
@@ -225,11 +210,7 @@ def _chunked_linear_fwd_kernel(
         for start in range(0, n_q, BLOCK_C):
             rows = start + offs_c
             q_row = rows < n_q
-            q = tl.load(
-                q_base + rows[:, None].to(tl.int64) * stride_qm + offs_f[None, :] * stride_qf,
-                mask=q_row[:, None] & f_mask[None, :],
-                other=0.0,
-            )
+            q = load_rows(q_base, rows, q_row, stride_qm, offs_f, f_mask, stride_qf)
             if DOT_FP32:
                 o = tl.dot(q.to(tl.float32), s, input_precision="ieee")
             else:
@@ -237,11 +218,7 @@ def _chunked_linear_fwd_kernel(
             if NORMALIZE:
                 den = tl.sum(q.to(tl.float32) * z[None, :], 1)
                 o = o / tl.maximum(den, eps)[:, None]
-            tl.store(
-                o_base + rows[:, None].to(tl.int64) * stride_om + offs_v[None, :] * stride_od,
-                o.to(Out.dtype.element_ty),
-                mask=q_row[:, None] & v_mask[None, :],
-            )
+            store_rows(o_base, rows, q_row, stride_om, offs_v, v_mask, stride_od, o)
 
     if STORE_FINAL:
         tl.store(S_out + s_offs, s, mask=s_mask)
@@ -261,10 +238,6 @@ class LaunchConfig:
     num_stages: int
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def choose_config(feat: int, dv: int, n_tokens: int, chunk_size: int) -> LaunchConfig:
     """A fixed heuristic (no autotune under the interpreter).
 
@@ -275,10 +248,10 @@ def choose_config(feat: int, dv: int, n_tokens: int, chunk_size: int) -> LaunchC
     elements (32 KB of registers per program); the interpreter takes the whole
     value dim at once, which is fastest there.
     """
-    block_f = max(16, triton.next_power_of_2(feat))
-    block_v = max(16, triton.next_power_of_2(dv))
-    block_c = min(chunk_size, max(16, triton.next_power_of_2(max(n_tokens, 1))))
-    if not _interpreting():
+    block_f = dot_tile(feat)
+    block_v = dot_tile(dv)
+    block_c = dot_tile(n_tokens, cap=chunk_size)
+    if not interpreting():
         block_v = min(block_v, max(16, 8192 // block_f))
     num_warps = 8 if block_f * block_v > 4096 or block_f >= 256 else 4
     return LaunchConfig(block_c, block_f, block_v, num_warps, num_stages=2)
@@ -293,9 +266,7 @@ def _check_inputs(
     chunk_size: int,
 ) -> None:
     """Raise a one-line ValueError for anything the kernel cannot compute, before launching it."""
-    for name, t in (("phi_q", phi_q), ("phi_k", phi_k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seq, dim), got shape {tuple(t.shape)}")
+    check_4d({"phi_q": phi_q, "phi_k": phi_k, "v": v}, last_dim="dim")
     if phi_q.shape[:2] != phi_k.shape[:2] or phi_k.shape[:2] != v.shape[:2]:
         raise ValueError(
             f"batch/heads mismatch: phi_q {tuple(phi_q.shape)}, phi_k {tuple(phi_k.shape)}, v {tuple(v.shape)}"
@@ -308,15 +279,8 @@ def _check_inputs(
         raise ValueError(f"feature dim {phi_q.shape[3]} is not supported; supported range is 1 to {MAX_FEATURE_DIM}")
     if not 1 <= v.shape[3] <= MAX_VALUE_DIM:
         raise ValueError(f"value dim {v.shape[3]} is not supported; supported range is 1 to {MAX_VALUE_DIM}")
-    if not (phi_q.dtype == phi_k.dtype == v.dtype):
-        raise ValueError(f"dtype mismatch: phi_q {phi_q.dtype}, phi_k {phi_k.dtype}, v {v.dtype} (must be equal)")
-    if v.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {v.dtype} is not supported; supported: float32, float16, bfloat16")
-    if not (phi_q.device == phi_k.device == v.device):
-        raise ValueError(f"device mismatch: phi_q {phi_q.device}, phi_k {phi_k.device}, v {v.device}")
-    if v.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"tensors are on {v.device}; the kernel needs CUDA (or TRITON_INTERPRET=1 for CPU tests)")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+    check_dtypes_and_device({"phi_q": phi_q, "phi_k": phi_k, "v": v})
+    if not is_dot_tile(chunk_size):
         raise ValueError(f"chunk_size must be a power of two >= 16 for the kernel, got {chunk_size}")
     if log_decay is not None:
         if not causal:
@@ -405,7 +369,6 @@ def chunked_linear_attention_forward(
     decay = log_decay.to(device=device, dtype=f32).contiguous() if log_decay is not None else dummy
 
     cfg = choose_config(feat, dv, max(n_k, n_q_eff), chunk_size)
-    dot_fp32 = _interpreting() or v.dtype == torch.float32
     grid = (triton.cdiv(dv, cfg.block_v), batch * heads)
     _chunked_linear_fwd_kernel[grid](
         q_in, phi_k, v, out_view, decay,
@@ -422,7 +385,7 @@ def chunked_linear_attention_forward(
         NORMALIZE=bool(normalize),
         HAS_INIT=s0 is not None,
         STORE_FINAL=bool(output_final_state),
-        DOT_FP32=dot_fp32,
+        DOT_FP32=dot_fp32(v.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -31,16 +31,23 @@ Forward only: the reference's autograd is the backward.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from methods.kernels.common import (
+    SUPPORTED_DTYPES,
+    check_4d,
+    dot_fp32,
+    dot_tile,
+    interpreting,
+    is_dot_tile,
+    require_cuda,
+)
+
 __all__ = ["deltanet_chunk_forward", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -141,20 +148,9 @@ def _deltanet_chunk_fwd_kernel(
         tl.store(ST + s_offs, s, mask=s_mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _dot_fp32(out_dtype: torch.dtype) -> bool:
-    """Every tile in fp32 (ieee) for fp32 outputs and under the interpreter, where 16-bit `tl.dot` is unreliable."""
-    return _interpreting() or out_dtype == torch.float32
-
-
 def _check_inputs(q, k, v, beta, chunk_size: int, initial_state) -> None:
     """One-line ValueErrors for what the kernel cannot compute, before launching it."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    check_4d({"q": q, "k": k, "v": v})
     if not (q.shape[:3] == k.shape[:3] == v.shape[:3]):
         raise ValueError(
             f"q, k, v must share (batch, heads, seq): q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
@@ -166,14 +162,13 @@ def _check_inputs(q, k, v, beta, chunk_size: int, initial_state) -> None:
     for name, dim in (("d_k", k.shape[3]), ("d_v", v.shape[3])):
         if not 1 <= dim <= MAX_HEAD_DIM:
             raise ValueError(f"{name} {dim} is not supported; supported range is 1 to {MAX_HEAD_DIM}")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+    if not is_dot_tile(chunk_size):
         raise ValueError(f"chunk_size must be a power of two >= 16 (tl.dot's smallest tile), got {chunk_size}")
-    if q.dtype not in _SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
+    if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one of float32/float16/bfloat16: got {q.dtype}, {k.dtype}, {v.dtype}")
     if initial_state is not None and tuple(initial_state.shape) != (*k.shape[:2], k.shape[3], v.shape[3]):
         raise ValueError(f"initial_state must be (batch, heads, d_k, d_v), got {tuple(initial_state.shape)}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"tensors are on {q.device}; the kernel needs CUDA (or TRITON_INTERPRET=1 for CPU tests)")
+    require_cuda(q.device)
 
 
 def deltanet_chunk_forward(
@@ -205,8 +200,9 @@ def deltanet_chunk_forward(
     out_dtype = q.dtype if out_dtype is None else out_dtype
     batch, heads, n, d_k = k.shape
     d_v = v.shape[3]
-    dot_fp32 = _dot_fp32(out_dtype)
-    op_dtype = torch.float32 if dot_fp32 else out_dtype
+    # Every tile in fp32 (ieee) for fp32 outputs and under the interpreter; tensor cores for 16-bit outputs.
+    use_fp32_dot = dot_fp32(out_dtype)
+    op_dtype = torch.float32 if use_fp32_dot else out_dtype
     # The WY factors: parallel over all chunks, computed in fp32 whatever the operands' dtype.
     _, w, u = wy_factors(k.float(), v.float(), beta.float(), chunk_size)
     w = w.reshape(batch, heads, -1, d_k).to(op_dtype)
@@ -220,9 +216,9 @@ def deltanet_chunk_forward(
             final.copy_(s0 if s0 is not None else torch.zeros_like(final))
         return out, final
 
-    block_k = max(16, triton.next_power_of_2(d_k))
-    block_v = max(16, triton.next_power_of_2(d_v))
-    if not _interpreting():
+    block_k = dot_tile(d_k)
+    block_v = dot_tile(d_v)
+    if not interpreting():
         block_v = min(block_v, 64)  # the state tile stays in registers: d_k x 64 fp32 per program
     grid = (triton.cdiv(d_v, block_v), batch * heads)
     dummy = out  # never read or written when the matching flag is off
@@ -238,7 +234,7 @@ def deltanet_chunk_forward(
         BLOCK_V=block_v,
         USE_INITIAL_STATE=s0 is not None,
         STORE_FINAL_STATE=final is not None,
-        DOT_FP32=dot_fp32,
+        DOT_FP32=use_fp32_dot,
         num_warps=4 if block_k <= 64 else 8,
         num_stages=2,
     )  # fmt: skip

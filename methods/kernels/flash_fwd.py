@@ -21,26 +21,36 @@ Conventions shared with the rest of attnbench (see `methods/oracle.py`):
 
 The kernel also runs under Triton's interpreter (`TRITON_INTERPRET=1`) on CPU
 tensors, which is how the test-suite checks it. The one concession to the
-interpreter is `DOT_FP32` (see `_dot_fp32`): every other line is what runs on
-the GPU.
+interpreter is `DOT_FP32` (see `common.dot_fp32`): every other line is what
+runs on the GPU. The loop body (load a key tile, score it, fold it into the
+online softmax) lives in `common.fold_key_tile`, shared with the block-sparse
+kernel.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["flash_attention_forward", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
+from methods.kernels.common import (
+    LOG2E,
+    MAX_HEAD_DIM,
+    MIN_HEAD_DIM,
+    attention_tiles,
+    check_attention_inputs,
+    dot_fp32,
+    dot_tile,
+    finish_rows,
+    fold_key_tile,
+    interpreting,
+    warps_for_head_dim,
+)
 
-MIN_HEAD_DIM = 1
-MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["flash_attention_forward", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
 
 
 @triton.jit
@@ -76,57 +86,20 @@ def _attn_inner(
     over the few blocks that straddle the causal diagonal or the end of the
     keys, where scores outside the mask become -inf.
     """
-    offs_n_base = tl.arange(0, BLOCK_N)
-    d_mask = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + offs_n_base
-        # Scalar block offset in int64, tile offsets in int32: no overflow on long or strided inputs.
-        k_ptrs = (
-            k_base + start_n.to(tl.int64) * stride_kn + offs_n_base[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        )
-        v_ptrs = (
-            v_base + start_n.to(tl.int64) * stride_vn + offs_n_base[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        )
         if MASKED:
-            kv_mask = (offs_n[:, None] < n_k) & d_mask[None, :]
-        else:
-            kv_mask = d_mask[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-
-        # Scores in base 2. fp32 inputs (and everything under the interpreter) use an exact fp32 dot;
-        # fp16/bf16 on the GPU go to the tensor cores natively and accumulate in fp32.
-        if DOT_FP32:
-            qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        qk = qk * qk_scale
-
-        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
             keep = offs_n[None, :] < n_k
             if CAUSAL:
                 keep = keep & (offs_m[:, None] + offset >= offs_n[None, :])
-            qk = tl.where(keep, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # A row that has seen no key yet keeps m = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            # Unmasked blocks come first, so every row's max is finite from the first block on.
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_sub = m_new
-
-        p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
-        else:
-            # As FA2: probabilities in [0, 1] are cast to v's 16-bit type for the tensor cores.
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+            keep = 0  # not read: unmasked blocks take every element
+        acc, l_i, m_i = fold_key_tile(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+            start_n, offs_d, n_k, qk_scale, keep,
+            HEAD_DIM, BLOCK_N, MASKED, DOT_FP32,
+        )  # fmt: skip
     return acc, l_i, m_i
 
 
@@ -212,9 +185,7 @@ def _flash_fwd_kernel(
         HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_FP32,
     )  # fmt: skip
 
-    # Rows that saw no key have l_i == 0 and acc == 0: dividing by 1 leaves them exactly 0.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out, _ = finish_rows(acc, l_i, m_i)  # rows that saw no key are exactly 0
     o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
 
@@ -230,57 +201,15 @@ class LaunchConfig:
     num_stages: int
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def choose_config(n_q: int, n_k: int, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
-    """A fixed heuristic instead of `triton.autotune`, which does not work under the interpreter.
-
-    64 x 64 tiles by default: big enough to keep the tensor cores busy on the
-    GPU and to keep the interpreter's per-op overhead low on CPU. Short
-    sequences (decode, tiny tests) shrink the tile to the next power of two,
-    never below 16, `tl.dot`'s smallest operand. At head_dim 256 the K/V
-    tiles would overflow shared memory with two pipeline stages, so the key
-    tile shrinks (and the query tile too for fp32). fp32 at head_dim 128 with
-    64 x 64 fits in an H100's 228 KB of shared memory.
-    """
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m = min(64, max(16, triton.next_power_of_2(n_q)))
-    block_n = min(64, max(16, triton.next_power_of_2(n_k)))
-    if block_d > 128 and not _interpreting():
-        block_n = min(block_n, 32)
-        if dtype == torch.float32:
-            block_m = min(block_m, 32)
-    num_warps = 8 if block_d >= 128 else 4
-    num_stages = 2
-    return LaunchConfig(block_m, block_n, block_d, num_warps, num_stages)
-
-
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise a one-line ValueError for anything the kernel cannot compute, before launching it."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
-        raise ValueError(
-            f"batch/heads mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} (expected equal batch and heads)"
-        )
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v lengths differ: k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.shape[3] == k.shape[3] == v.shape[3]):
-        raise ValueError(f"head_dim mismatch: q {q.shape[3]}, k {k.shape[3]}, v {v.shape[3]} (must be equal)")
-    head_dim = q.shape[3]
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {head_dim} is not supported; supported range is {MIN_HEAD_DIM} to {MAX_HEAD_DIM}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"dtype mismatch: q {q.dtype}, k {k.dtype}, v {v.dtype} (must be equal)")
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {q.dtype} is not supported; supported: float32, float16, bfloat16")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"device mismatch: q {q.device}, k {k.device}, v {v.device}")
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"tensors are on {q.device}; the kernel needs CUDA (or TRITON_INTERPRET=1 for CPU tests)")
+    """`common.attention_tiles` (64 x 64, shrunk for short inputs; key tile 32 at head_dim 256 on the GPU),
+    with the query tile shrunk to 32 too for fp32 at head_dim 256, where two pipeline stages of fp32 tiles
+    would overflow shared memory. fp32 at head_dim 128 with 64 x 64 fits in an H100's 228 KB."""
+    block_d = dot_tile(head_dim)
+    block_m, block_n = attention_tiles(n_q, n_k, head_dim)
+    if block_d > 128 and dtype == torch.float32 and not interpreting():
+        block_m = min(block_m, 32)
+    return LaunchConfig(block_m, block_n, block_d, warps_for_head_dim(block_d), num_stages=2)
 
 
 def flash_attention_forward(
@@ -304,7 +233,7 @@ def flash_attention_forward(
     Raises:
         ValueError: on shapes, dtypes or devices the kernel does not handle (head_dim must be 1 to 256).
     """
-    _check_inputs(q, k, v)
+    check_attention_inputs(q, k, v)
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
@@ -315,22 +244,17 @@ def flash_attention_forward(
         return out.zero_()  # no key at all: every row is empty, hence 0 by definition
 
     cfg = choose_config(n_q, n_k, head_dim, q.dtype)
-    # Under the interpreter tl.dot on 16-bit tiles is silently wrong (bf16 especially), so every tile is
-    # upcast there. On the GPU only fp32 inputs take this path, with input_precision="ieee": Triton's
-    # default for fp32 is TF32 (10-bit mantissa), which would make the fp32 kernel no more accurate than
-    # fp16 and fail the oracle tolerance that the PyTorch fp32 reference sets.
-    dot_fp32 = _interpreting() or q.dtype == torch.float32
     grid = (triton.cdiv(n_q, cfg.block_m), batch * heads)
     _flash_fwd_kernel[grid](
         q, k, v, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, n_q, n_k, scale * _LOG2E,
+        heads, n_q, n_k, scale * LOG2E,
         HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_D=cfg.block_d,
         CAUSAL=bool(causal),
-        DOT_FP32=dot_fp32,
+        DOT_FP32=dot_fp32(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
