@@ -62,10 +62,15 @@ def _status_label(cell: pd.DataFrame) -> str:
     return str(statuses.mode().iloc[0]) if not statuses.empty else "n/a"
 
 
-def _groups(rows: pd.DataFrame):
-    keys = [*GROUP_KEYS, *_varying(rows)]
+def _groups(rows: pd.DataFrame, keys: list[str]):
     for values, group in rows.groupby(keys, dropna=False, sort=True):
         yield dict(zip(keys, values, strict=True)), group
+
+
+def _figure_groups(rows: pd.DataFrame):
+    """One figure per method/impl/variant, split further only by the settings that vary within it."""
+    for _, group in _groups(rows, list(GROUP_KEYS)):
+        yield from _groups(group, [*GROUP_KEYS, *_varying(group)])
 
 
 def _setting_text(key: dict) -> str:
@@ -77,7 +82,8 @@ def _slug(text: str) -> str:
 
 
 def needle_heatmaps(df: pd.DataFrame, out_dir: Path | str) -> list[Path]:
-    """One PNG per method/impl/variant (and per setting that varies): depth down, context length across."""
+    """One PNG per method/impl/variant (and per setting that varies within it): depth down, context
+    length across. A group with no ok row at all gets no figure (the table shows its status)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +98,9 @@ def needle_heatmaps(df: pd.DataFrame, out_dir: Path | str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     cmap = LinearSegmentedColormap.from_list("needle", list(HEATMAP_COLOURS)).with_extremes(bad="#D9D9D9")
     paths = []
-    for key, group in _groups(rows):
+    for key, group in _figure_groups(rows):
+        if not (group["status"] == "ok").any():
+            continue  # nothing measured: the table says why (unsupported, oom, ...)
         lengths = sorted(int(n) for n in group["seq_len"].dropna().unique())
         depths = sorted(float(d) for d in group["depth"].dropna().unique())
         if not lengths or not depths:
@@ -151,7 +159,7 @@ def needle_table(df: pd.DataFrame) -> str:
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * (len(header) - len(lengths)) + ["---:"] * len(lengths)) + "|",
     ]
-    for key, group in _groups(rows):
+    for key, group in _groups(rows, [*GROUP_KEYS, *varying]):
         entries = [str(key[k]) for k in (*GROUP_KEYS, *varying)]
         for n in lengths:
             cell = group[group["seq_len"].astype(int) == n]

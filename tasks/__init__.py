@@ -3,9 +3,10 @@
 from methods.registry import unknown
 from tasks.base import Cell, RunContext, Task
 from tasks.mqar import MQARTask
+from tasks.needle import NeedleTask
 from tasks.scaling import ScalingTask
 
-TASKS: dict[str, Task] = {t.name: t for t in (ScalingTask(), MQARTask())}
+TASKS: dict[str, Task] = {t.name: t for t in (ScalingTask(), NeedleTask(), MQARTask())}
 
 
 def get_task(name: str) -> Task:

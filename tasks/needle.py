@@ -26,8 +26,9 @@ so one call measures `batch * heads` trials):
   are random and project on every code, so they are the noise decoding fights.
 - **Depth.** The haystack slots are the positions before the query (0 .. N-n_q-1).
   Depth d puts the needle (or the block of K consecutive needles of the
-  multi-needle variants) at slot round(d * (slots - K)): depth 0 is the first
-  token, depth 1 the token just before the (first) query.
+  multi-needle variants) at slot floor(d * (slots - K) + 0.5): depth 0 is the
+  first token, depth 1 the token just before the (first) query; the query
+  itself is never the needle.
 
 RULER-style variants (`variant`), with `needles` = K:
 
@@ -42,20 +43,41 @@ RULER-style variants (`variant`), with `needles` = K:
 - `multiquery`: K queries (orthonormal directions) and K needles, needle i
   answering query i; a hit is every query decoding its own marker.
 
-Columns per cell: `accuracy` (hit rate over trials), `hits`, `trials`,
-`chance` (the hit rate of random decoding), `needle_cos` (cos of the output
-with the target value), and, computed analytically from q and k so that they
-describe the cell's difficulty identically for every method: `needle_mass`
-(the attention mass exact softmax puts on the target needle(s)) and `margin`
-/ `margin_min` (target logit minus the largest competing logit, mean and worst
-over trials). `method_mass` is the mass the *method* puts on the target,
-measured with a probe call whose values are the needle indicator (exact for
-any attention that is linear in v, which every attention is).
+Columns per cell:
+
+- `accuracy` (the core column): hit rate over the trials; `hits`, `trials`;
+  `query_hit_rate` (per query, for multiquery); `chance`, the hit rate of a
+  decoder that guesses (1/head_dim for single), the floor for a blind method.
+- `needle_cos`: cos(output at the query, target value), mean over targets;
+  for multivalue a perfect retrieval mixes K values, so its ceiling is 1/sqrt(K).
+- `needle_mass`, `margin`, `margin_min`: computed from q and k alone, so they
+  describe the cell's difficulty identically for every method: the attention
+  mass exact softmax puts on the target(s), and the weakest target logit minus
+  the strongest competing logit (mean and worst over trials).
+- `method_mass`: the mass the method itself puts on the target(s), read by a
+  probe call whose values are the target indicator. That is exact for any
+  attention whose output is a weighted sum of values with weights from q and
+  k (it equals `needle_mass` for exact softmax and is 0 for a window that
+  misses the needle); a second call checks attn(v + probe) = attn(v) +
+  attn(probe), and a method that fails it (an output norm, as lightning's
+  RMSNorm) gets None, with `linear_in_v` False.
+- `fidelity_*` against the fp64 oracle at the read rows only (cheap at any
+  length; exact methods outside tolerance are `wrong`), then latency and memory
+  of the whole-sequence forward call from `bench.measure.measure_call`, with
+  `flops = attn.flops(shape, "fwd")`, as in `scaling`.
+
+Default beta (conf/task/needle.yaml): 8. Exact softmax's hit rate jumps from
+chance to 1 over about two units of beta, and the jump moves right with the
+context (about 4-5 at 2K tokens, 6-7 at 128K). At beta 8 exact softmax scores
+100% from 256 to 131072 tokens, yet the needle does not dominate the row at
+long context (its mass is about 0.5 at 2K, 0.015 at 128K): a method has to keep
+the softmax's fine structure to decode it.
 
 Seeding: the haystack depends on the run seed and on the point's shape and
 variant only, not on depth, beta, causal, dtype or the implementation. Moving
 the needle or changing its strength leaves the haystack untouched (as in the
 needle-in-a-haystack plots), and every implementation sees the same inputs.
+The needles' markers are redrawn per depth (see `needle_markers`).
 """
 
 from __future__ import annotations
@@ -73,6 +95,8 @@ from methods.oracle import fidelity, oracle_attention
 from tasks.base import Cell, RunContext, Task, torch_dtype
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
+# attn(v + probe) must equal attn(v) + attn(probe) to this relative tolerance for `method_mass` to be read.
+LINEARITY_TOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 1e-1, "float64": 1e-8}
 # The keys that decide the haystack. Depth, beta, causal and dtype are left out on purpose (module docstring).
 HAYSTACK_KEYS = ("batch", "heads", "seq_len", "head_dim", "variant", "needles", "distractor_sim")
 
@@ -151,7 +175,6 @@ class _Draws:
     v: torch.Tensor
     u: torch.Tensor  # (b, h, n_q, d) orthonormal query directions
     codebook: torch.Tensor  # (b, h, d, d)
-    markers: torch.Tensor  # (b, h, needles) distinct code indices per trial
     pick: torch.Tensor  # (b * h, N) priorities for the distractor slots
 
 
@@ -175,17 +198,29 @@ def _draws(point: dict, seed: int) -> _Draws:
     # Query directions: orthonormal, so in multiquery another query's needle looks like haystack.
     u = torch.linalg.qr(torch.randn(b, h, d, n_q, generator=gen)).Q.transpose(-1, -2)
     codebook = torch.linalg.qr(torch.randn(b, h, d, d, generator=gen)).Q.transpose(-1, -2) * math.sqrt(d)
-    markers = torch.rand(b, h, d, generator=gen).argsort(dim=-1)[..., :needles]
     pick = torch.rand(b * h, n, generator=gen)
-    _DRAWS_CACHE[key] = _Draws(q, k, v, u, codebook, markers, pick)
+    _DRAWS_CACHE[key] = _Draws(q, k, v, u, codebook, pick)
     return _DRAWS_CACHE[key]
+
+
+def needle_markers(point: dict, seed: int) -> torch.Tensor:
+    """(b, h, needles) distinct codebook indices per trial: the needles' (and distractors') markers.
+
+    Drawn per depth (not per beta): a method blind to the needle decodes the same haystack
+    marker at every depth, so a marker fixed across depths would make its lucky trials
+    lucky at every depth; redrawn, its hits are independent draws at chance level.
+    """
+    b, h, d, needles = (int(point[key]) for key in ("batch", "heads", "head_dim", "needles"))
+    digest = hashlib.sha1(json.dumps([haystack_seed(seed, point), float(point["depth"])]).encode()).hexdigest()
+    gen = torch.Generator(device="cpu").manual_seed(int(digest[:8], 16))
+    return torch.rand(b, h, d, generator=gen).argsort(dim=-1)[..., :needles]
 
 
 def make_haystack(point: dict, seed: int) -> Haystack:
     """The point's haystack and its ground truth, on the CPU, in the point's dtype.
 
-    The random draws do not depend on depth or beta, so those two only move
-    and scale the needle (see the module docstring).
+    The haystack's draws do not depend on depth or beta, so those two only move and
+    scale the needle (its markers are redrawn per depth: `needle_markers`).
     """
     b, h, n, d = (int(point[key]) for key in ("batch", "heads", "seq_len", "head_dim"))
     variant, needles = point["variant"], int(point["needles"])
@@ -195,7 +230,8 @@ def make_haystack(point: dict, seed: int) -> Haystack:
     n_q = n_queries(variant, needles)
     draws = _draws(point, seed)
     q, k, v = draws.q.clone(), draws.k.clone(), draws.v.clone()
-    u, codebook, markers = draws.u, draws.codebook, draws.markers
+    u, codebook = draws.u, draws.codebook
+    markers = needle_markers(point, seed)
 
     slots = n - n_q
     block = n_block(variant, needles)
@@ -411,13 +447,9 @@ class NeedleTask(Task):
             needle_pos=int(truth.needle_pos[0]),
             n_queries=n_q,
         )
-        del out
         row.update(softmax_stats(q, k, truth, causal))
-        with torch.no_grad():
-            probed = attn(q, k, probe_values(truth, v), causal=causal)
-        channels = torch.arange(n_q, device=probed.device)
-        row["method_mass"] = float(probed[:, :, truth.query_pos, channels].float().mean())
-        del probed
+        row.update(self._method_mass(attn, q, k, v, out, truth, causal, p["dtype"]))
+        del out
 
         shape = Shape(p["batch"], p["heads"], p["seq_len"], p["seq_len"], p["head_dim"], causal)
         fn = torch.no_grad()(lambda: attn(q, k, v, causal=causal))
@@ -428,3 +460,28 @@ class NeedleTask(Task):
         )
         row["state_bytes"] = attn.state_bytes(p["batch"], p["heads"], p["seq_len"], p["head_dim"], q.dtype)
         return row
+
+    @staticmethod
+    def _method_mass(attn: Attention, q, k, v, out, truth: NeedleTruth, causal: bool, dtype: str) -> dict:
+        """The method's own mass on the targets, from a probe call, when the method is linear in v.
+
+        Untimed calls: the probe P = attn(probe) and, for a method that is not exact softmax,
+        A = attn(v + probe). A method whose output is a weighted sum of values (weights from q
+        and k) has A = out + P; one that normalises its output (lightning's RMSNorm) does not,
+        and its probe reads no mass: `method_mass` is None.
+        """
+        rows = truth.query_pos
+        probe = probe_values(truth, v)
+        with torch.no_grad():
+            probed = attn(q, k, probe, causal=causal)[:, :, rows].float()
+        linear = attn.exact  # an exact method is softmax attention: linear in v by definition
+        if not linear:
+            with torch.no_grad():
+                added = attn(q, k, v + probe, causal=causal)[:, :, rows].float()
+            expected = out[:, :, rows].float() + probed
+            scale = float(expected.abs().max().clamp_min(1e-6))
+            error = float((added - expected).abs().max())
+            linear = bool(torch.isfinite(added).all()) and error <= LINEARITY_TOL[dtype] * scale
+        channels = torch.arange(truth.n_queries, device=probed.device)
+        mass = float(probed[:, :, channels, channels].mean()) if linear else None
+        return {"method_mass": mass, "linear_in_v": linear}

@@ -71,6 +71,16 @@ class SlidingWindow(Attention):
         return oracle_attention(q, k, v, mask_mod=in_window, dtype=q.dtype)
 
 
+class NormalisedOutput(Attention):
+    """Softmax followed by an RMSNorm over the head dim (as lightning's output norm): not linear in v."""
+
+    method, impl, exact = "normalised_test", "reference", False
+
+    def forward(self, q, k, v, causal=False):
+        out = oracle_attention(q, k, v, causal=causal, dtype=q.dtype)
+        return out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 class CausalOnly(Attention):
     method, impl = "causal_only", "reference"
     capabilities = Capabilities(non_causal=False, note="test double")
@@ -168,6 +178,13 @@ def test_sliding_window_hits_inside_its_window_and_misses_outside():
         assert row["method_mass"] == 0.0, depth
         assert row["accuracy"] <= 0.25, depth  # chance is 1/32
         assert row["needle_mass"] > 0.1  # exact softmax would have found it: the cell was easy
+
+
+def test_method_mass_is_read_only_from_methods_linear_in_v():
+    row = run(NormalisedOutput(), seq_len=256)
+    assert row["accuracy"] == 1.0  # the norm keeps the direction the decoder reads
+    assert row["method_mass"] is None and row["linear_in_v"] is False
+    assert run(SlidingWindow(64), seq_len=256)["linear_in_v"] is True
 
 
 def test_capabilities_are_checked_before_running():
@@ -321,7 +338,7 @@ def test_rows_through_the_runner_feed_heatmaps_and_table(tmp_path, monkeypatch):
     assert set(ok["depth"]) == set(depths) and set(ok["variant"]) == {"single", "multikey"}
 
     paths = needle_heatmaps(df, tmp_path / "report")
-    assert len(paths) == 4  # sdpa and flash_attn x single and multikey
+    assert len(paths) == 2  # sdpa x single and multikey; flash_attn measured nothing, so no figure
     assert all(p.suffix == ".png" and p.stat().st_size > 1000 for p in paths)
 
     table = needle_table(df)
@@ -333,29 +350,19 @@ def test_rows_through_the_runner_feed_heatmaps_and_table(tmp_path, monkeypatch):
 
 
 def test_report_splits_settings_that_vary_and_ignores_other_tasks(tmp_path):
-    rows = []
-    for beta, rate in ((8.0, 1.0), (1.0, 0.25)):
-        for n in (1024, 4096):
-            for depth in (0.0, 1.0):
-                rows.append(
-                    dict(
-                        task="needle",
-                        method="m",
-                        impl="i",
-                        variant="single",
-                        beta=beta,
-                        seq_len=n,
-                        depth=depth,
-                        status="ok",
-                        accuracy=rate,
-                        hits=int(rate * 8),
-                        trials=8,
-                    )
-                )
+    def row(beta, n, depth, rate, status="ok"):
+        hits = None if rate is None else int(rate * 8)
+        return dict(task="needle", method="m", impl="i", variant="single", beta=beta, seq_len=n, depth=depth,
+                    status=status, accuracy=rate, hits=hits, trials=8)  # fmt: skip
+
+    rows = [row(beta, n, d, rate) for beta, rate in ((8.0, 1.0), (1.0, 0.25)) for n in (1024, 4096) for d in (0.0, 1.0)]
+    rows += [row(8.0, 16384, d, None, "oom") for d in (0.0, 1.0)]
     rows.append(dict(task="scaling", method="m", impl="i", seq_len=64, status="ok", accuracy=None))
     df = pd.DataFrame(rows)
     table = needle_table(df)
-    assert table.splitlines()[0] == "| method | impl | variant | beta | 1K | 4K |"
-    assert "| m | i | single | 1.0 | 0.25 | 0.25 |" in table
-    assert len(needle_heatmaps(df, tmp_path)) == 2
+    assert table.splitlines()[0] == "| method | impl | variant | beta | 1K | 4K | 16K |"
+    assert "| m | i | single | 1.0 | 0.25 | 0.25 |  |" in table
+    assert "| m | i | single | 8.0 | 1.00 | 1.00 | oom |" in table
+    paths = needle_heatmaps(df, tmp_path)
+    assert sorted(p.name for p in paths) == ["needle_m_i_single_beta=1.0.png", "needle_m_i_single_beta=8.0.png"]
     assert needle_heatmaps(df[df["task"] == "scaling"], tmp_path / "none") == []
