@@ -169,12 +169,7 @@ def test_based_kernel_linear_half_matches_reference() -> None:
 def test_based_kernel_matches_reference() -> None:
     """Both halves on their kernels (the window's is the sparse family's block-sparse kernel)."""
     if "sliding_window" not in METHODS:
-        try:
-            import methods.sparse_patterns  # noqa: F401
-        except ImportError:
-            pass
-    if "sliding_window" not in METHODS:
-        pytest.skip("sliding_window not registered yet (methods/sparse_patterns.py, the sparse family)")
+        assert "sliding_window" in METHODS  # based sums its linear half with the sparse family's window
     q, k, v = (torch.randn(1, 2, n, 64) for n in (100, 150, 150))
     ref, kern = build("based", window=32), build("based", impl="kernel", window=32)
     for causal in (False, True):
