@@ -16,6 +16,7 @@ or leave it None and they are created lazily, deterministically, on first use.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -38,18 +39,20 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-class FeatureMap(nn.Module):
+class FeatureMap(nn.Module, abc.ABC):
     """phi: `(..., n, head_dim) -> (..., n, feature_dim)`; `is_query` lets a map treat queries differently."""
 
+    @abc.abstractmethod
     def feature_dim(self, head_dim: int) -> int:
-        raise NotImplementedError
+        """Width of phi(x) for inputs of `head_dim`: it sizes the recurrent state."""
 
+    @abc.abstractmethod
     def flops(self, n_tokens: int, head_dim: int) -> int:
         """FLOPs to map `n_tokens` vectors (an estimate: elementwise ops count 1, exp/max count 1)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def forward(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
-        raise NotImplementedError
+        """phi(x)."""
 
 
 class EluFeatureMap(FeatureMap):
