@@ -27,25 +27,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.results import CORE_COLUMNS, CorruptResults, load
+from bench.declarations import key_columns, metric_declarations
+from bench.results import CorruptResults, load
 
-# Identity of a cell. Hardware, run_id and cell_id are deliberately absent: two machines must match.
-CORE_KEYS = ("method", "impl", "task", "dtype", "batch", "heads", "seq_len", "kv_len", "head_dim", "causal", "mode")
-# Task keys known to be sweep keys even when they are floats (floats are otherwise taken for metrics).
-KNOWN_KEYS = (
-    "method_params", "input_dist", "depth", "beta", "variant", "needles", "distractor_sim", "lr", "d_model",
-    "num_kv_pairs", "vocab", "n_layers", "steps",
-)  # fmt: skip
-# Non-core columns that are measurements or bookkeeping, never keys.
-NOT_KEYS = frozenset(
-    {
-        "impl_kind", "exact", "interpreted", "repeats", "cell_seconds", "state_bytes", "sparsity", "threads",
-        "needle_mass", "margin", "margin_min", "method_mass", "linear_in_v", "final_accuracy", "chance",
-        "train_seconds", "tokens_per_s", "final_loss", "best_step", "steps_done", "total_steps", "stopped",
-        "peak_mem_note", "n_params", "hits", "trials", "eval_history", "eval_steps",
-    }
-)  # fmt: skip
-SHAPE_KEYS = ("dtype", "batch", "heads", "seq_len", "kv_len", "head_dim", "causal", "mode")
+# Identity of a cell: method, impl, task and the key columns the rows declare (bench.declarations).
+# Hardware, run_id and cell_id are deliberately absent: two machines must match.
+SHAPE_LABEL = ("dtype", "batch", "heads", "seq_len", "kv_len", "head_dim", "causal", "mode")  # in every label
 BOOTSTRAP = 2000
 SEED = 0
 
@@ -76,7 +63,7 @@ class Finding:
     """One judged difference of a matched cell."""
 
     cell: str
-    kind: str  # latency | accuracy | fidelity | status
+    kind: str  # latency | latency (method) | status | the name of a judged metric (accuracy, fidelity_rel, ...)
     verdict: str  # regression | improvement | ok | unjudged
     base: float | str | None
     cand: float | str | None
@@ -141,21 +128,6 @@ def load_side(path: Path | str, label: str) -> pd.DataFrame:
     return df
 
 
-def key_columns(*frames: pd.DataFrame) -> list[str]:
-    """Core keys plus the task keys present in either side: known keys, and text/int/bool columns not metrics."""
-    keys = list(CORE_KEYS)
-    for df in frames:
-        for col in df.columns:
-            if col in keys or col in CORE_COLUMNS or col in NOT_KEYS or col.startswith("_") or df[col].isna().all():
-                continue
-            first = df[col].dropna().iloc[0]
-            if isinstance(first, list | tuple | dict | np.ndarray):
-                continue
-            if col in KNOWN_KEYS or isinstance(first, str | bool | np.bool_ | int | np.integer):
-                keys.append(col)
-    return keys
-
-
 def key_text(v: object) -> str:
     """One canonical text per key value, so 1, 1.0 and '1' of two runs agree and missing is one value."""
     if v is None or (not isinstance(v, str) and pd.isna(v)):
@@ -198,7 +170,7 @@ def label_of(df: pd.DataFrame, keys: list[str]) -> pd.Series:
         + " " + df["batch"].map(key_text) + "×" + df["heads"].map(key_text) + "×" + df["head_dim"].map(key_text)
         + " q=" + df["seq_len"].map(key_text) + " kv=" + df["kv_len"].map(key_text)
     )  # fmt: skip
-    for k in keys[len(CORE_KEYS) :]:
+    for k in (k for k in keys if k not in (*SHAPE_LABEL, "method", "impl", "task")):
         text = text + df[k].map(lambda v, k=k: f" {k}={key_text(v)}" if key_text(v) else "")
     return text.str.replace(r"\s+", " ", regex=True).str.strip()
 
@@ -289,25 +261,40 @@ def judge_latency(
                    **ids)  # fmt: skip
 
 
-def judge_metrics(b: pd.Series, c: pd.Series, tol: Tolerances) -> list[Finding]:
-    """Accuracy and fidelity findings of one matched ok cell."""
+def judge_metrics(b: pd.Series, c: pd.Series, tol: Tolerances, declared: dict[str, dict]) -> list[Finding]:
+    """Findings of one matched ok cell for every metric its task declares a judge for (besides latency).
+
+    `drop`: an absolute fall beyond `accuracy_drop` (accuracies, hit rates); `growth`: a relative rise
+    beyond `fidelity_rel` above the `fidelity_abs` floor (errors), mirrored when the metric is better higher.
+    """
     out = []
     cell = str(c["_label"])
     ids = {"base_cell_id": str(b["cell_id"]), "cand_cell_id": str(c["cell_id"])}
-    ba, ca = b.get("accuracy"), c.get("accuracy")
-    if pd.notna(ba) and pd.notna(ca):
-        drop = float(ba) - float(ca)
-        verdict = "regression" if drop > tol.accuracy_drop else "improvement" if -drop > tol.accuracy_drop else "ok"
-        out.append(Finding(cell, "accuracy", verdict, float(ba), float(ca),
-                           f"accuracy {float(ba):.4f} -> {float(ca):.4f} (tolerance -{tol.accuracy_drop})", **ids))  # fmt: skip
-    bf, cf = b.get("fidelity_rel"), c.get("fidelity_rel")
-    if pd.notna(bf) and pd.notna(cf):
-        limit = float(bf) * (1 + tol.fidelity_rel) + tol.fidelity_abs
-        better = float(cf) * (1 + tol.fidelity_rel) + tol.fidelity_abs < float(bf)
-        verdict = "regression" if float(cf) > limit else "improvement" if better else "ok"
-        out.append(Finding(cell, "fidelity", verdict, float(bf), float(cf),
-                           f"relative error {float(bf):.2e} -> {float(cf):.2e} (limit {limit:.2e})", **ids))  # fmt: skip
+    for name, spec in declared.items():
+        bv, cv = b.get(name), c.get(name)
+        if spec.get("judge") not in ("drop", "growth") or not (_is_number(bv) and _is_number(cv)):
+            continue
+        bv, cv = float(bv), float(cv)
+        worse = (bv - cv) if spec.get("better") == "higher" else (cv - bv)  # > 0: the candidate is worse
+        if spec["judge"] == "drop":
+            verdict = "regression" if worse > tol.accuracy_drop else "improvement" if -worse > tol.accuracy_drop else "ok"
+            detail = f"{name} {bv:.4f} -> {cv:.4f} (tolerance {tol.accuracy_drop})"
+        else:
+            limit = bv * (1 + tol.fidelity_rel) + tol.fidelity_abs
+            better = cv * (1 + tol.fidelity_rel) + tol.fidelity_abs < bv
+            if spec.get("better") == "higher":  # a score that should not shrink: the same rule, mirrored
+                limit = (bv - tol.fidelity_abs) / (1 + tol.fidelity_rel)
+                regressed, better = cv < limit, (cv - tol.fidelity_abs) / (1 + tol.fidelity_rel) > bv
+            else:
+                regressed = cv > limit
+            verdict = "regression" if regressed else "improvement" if better else "ok"
+            detail = f"{name} {bv:.2e} -> {cv:.2e} (limit {limit:.2e})"
+        out.append(Finding(cell, name, verdict, bv, cv, detail, **ids))
     return out
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
 def compare_frames(
@@ -321,6 +308,7 @@ def compare_frames(
     """The comparison of two sets of rows; pure (no I/O), so tests can build rows by hand."""
     tol = tol or Tolerances()
     keys = key_columns(base, cand)
+    declared = metric_declarations(cand, base)
     b, c = with_keys(base, keys), with_keys(cand, keys)
     result = Comparison(base_name, cand_name, normalize_by, tol)
     result.added = sorted(c.loc[c.index.difference(b.index), "_label"])
@@ -350,7 +338,7 @@ def compare_frames(
         lat = judge_latency(br, cr, tol, refs, normalize_by)
         if lat is not None:
             result.findings.append(lat)
-        result.findings.extend(judge_metrics(br, cr, tol))
+        result.findings.extend(judge_metrics(br, cr, tol, declared))
     result.findings.extend(method_findings(result.findings, tol, normalize_by is not None))
     return result
 

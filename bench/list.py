@@ -36,6 +36,7 @@ def listing(device: torch.device | None = None) -> str:
     lines.append("tasks:")
     for task in TASKS.values():
         lines.append(f"  {task.name:<12} {task.description}")
+        lines.append(f"  {'':<12} keys: {', '.join(task.keys) or '-'}; headline: {task.metric(task.headline).header}")
     lines.append("suites:")
     for name in group_names("suite"):
         suite = load_group("suite", name)

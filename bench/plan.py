@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from methods import get_impl, get_method
+from methods import METHODS, get_impl, get_method, validate_params
 from methods.registry import unknown
 from tasks import get_task
 from tasks.base import Cell
@@ -48,29 +48,74 @@ def _as_list(value) -> list | None:
     return list(value)
 
 
+def select_methods(selector: str) -> list[str]:
+    """The registered methods a suite entry names: `all`, `family=<family>`, or one method's name."""
+    if selector == "all":
+        return list(METHODS)
+    if selector.startswith("family="):
+        family = selector.removeprefix("family=")
+        names = [m for m, spec in METHODS.items() if spec.family == family]
+        if not names:
+            raise ValueError(f"no method of family {family!r}; families: {', '.join(sorted({s.family for s in METHODS.values()}))}")
+        return names
+    get_method(selector)  # UnknownName with the choices
+    return [selector]
+
+
+def suite_method_entries(suite: Mapping) -> dict[str, dict]:
+    """name -> {impls, params, strict} from a suite's `methods:`; a named method overrides a selector's entry.
+
+    Entries under `all` or `family=...` take only the listed impls each method has (`strict` False), so a
+    new method joins the suite with its reference and kernel without an edit; a method named on its own
+    must have every impl listed (`strict` True).
+    """
+    entries: dict[str, dict] = {}
+    items = sorted((suite.get("methods") or {}).items(), key=lambda kv: kv[0] != "all" and "=" not in kv[0])
+    for selector, entry in items:  # selectors first, names last: a name overrides
+        entry = entry if isinstance(entry, Mapping) else {"impls": entry}
+        for name in select_methods(selector):
+            entries[name] = {"impls": entry.get("impls"), "params": dict(entry.get("params") or {}),
+                             "strict": selector == name}  # fmt: skip
+    return entries
+
+
 def method_plan(cfg: Mapping, suite: Mapping) -> list[tuple[str, list[str], dict]]:
-    """(method, impls, params) triples to run, validated against the registry."""
+    """(method, impls, params) triples to run, validated against the registry before anything runs.
+
+    Parameters: the method's declared defaults < its YAML < the suite's entry < the command line
+    (`method.params.x=...`); `validate_params` rejects an unknown parameter or a bad value on one line.
+    """
     impl_override = _as_list(cfg.get("impl"))
     method_cfg = cfg.get("method")
-    suite_methods = dict(suite.get("methods") or {})
+    suite_methods = suite_method_entries(suite)
     if method_cfg:
-        entries = {method_cfg["name"]: {"impls": suite_methods.get(method_cfg["name"]), "params": method_cfg["params"]}}
+        name = method_cfg["name"]
+        entry = suite_methods.get(name, {"impls": None, "strict": True})
+        entries = {name: {**entry, "params": dict(method_cfg.get("params") or {})}}
     elif suite_methods:
         entries = {}
         for name, entry in suite_methods.items():
-            entry = entry if isinstance(entry, Mapping) else {"impls": entry}
-            params = dict(load_group("method", name).get("params") or {})
-            params.update(entry.get("params") or {})
-            entries[name] = {"impls": entry.get("impls"), "params": params}
+            params = dict(load_group("method", name).get("params") or {}) if name in group_names("method") else {}
+            entries[name] = {**entry, "params": {**params, **entry["params"]}}
     else:
         raise ValueError(f"name a method (method=...) or a suite that lists methods; methods: {', '.join(group_names('method'))}")
     plan = []
     for name, entry in entries.items():
         spec = get_method(name)
-        impls = impl_override or _as_list(entry["impls"]) or list(spec.impls)
+        listed = entry["impls"]
+        if impl_override:
+            impls = impl_override
+        elif listed is None:
+            impls = list(spec.impls)
+        elif entry["strict"]:
+            impls = _as_list(listed)  # `[]` leaves the method out of the suite
+        else:
+            impls = [i for i in _as_list(listed) if i in spec.impls]
+        if not impls:
+            continue
         for impl in impls:
             get_impl(name, impl)
-        plan.append((name, impls, dict(entry["params"] or {})))
+        plan.append((name, impls, validate_params(name, entry["params"])))
     return plan
 
 
@@ -107,16 +152,23 @@ def task_plan(cfg: Mapping, suite: Mapping, cli_task_keys: Sequence[str] = ()) -
 
 def plan_cells(cfg: DictConfig | Mapping, device: torch.device, hardware: str, cli_task_keys: Sequence[str] = ()) -> list[Cell]:
     """Task, then point, then method, then impl: every implementation of a point runs back to back,
-    so they share inputs and the oracle's answer."""
+    so they share inputs and the oracle's answer.
+
+    A method named on the command line runs on every sweep block of the suite, also on blocks that
+    list other `methods:` (the user asked for it by name). A plan that selects no cell is an error
+    that says why, never a run that measures nothing.
+    """
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     suite = resolve_suite(cfg.get("suite") or {"name": "single"}, device)
     methods = method_plan(cfg, suite)
+    named = bool(cfg.get("method"))
     cells: dict[str, Cell] = {}  # keyed by cell_id: overlapping sweep blocks measure a cell once
     for task_name, defaults, axes in task_plan(cfg, suite, cli_task_keys):
         task = get_task(task_name)
         axes = dict(axes)
-        only = _as_list(axes.pop("methods", None))
+        only = None if named else _as_list(axes.pop("methods", None))
+        axes.pop("methods", None)
         for point in task.points(defaults, axes):
             for method, impls, params in methods:
                 if only is not None and method not in only:
@@ -124,4 +176,8 @@ def plan_cells(cfg: DictConfig | Mapping, device: torch.device, hardware: str, c
                 for impl in impls:
                     cell = Cell(method, impl, task_name, hardware, point, params, int(cfg.get("seed", 0)), suite["name"])
                     cells.setdefault(cell.cell_id, cell)
+    if not cells:
+        tasks = ", ".join(sorted({t for t, _, _ in task_plan(cfg, suite, cli_task_keys)}))
+        raise ValueError(f"no cell selected: suite {suite['name']} gives task(s) {tasks} no point for "
+                         f"method(s) {', '.join(m for m, _, _ in methods)}")  # fmt: skip
     return list(cells.values())

@@ -8,8 +8,6 @@ machines merge by copying folders together.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,7 +16,9 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+from bench.measure.files import atomic_write
+
+SCHEMA_VERSION = 2  # 2: rows name their key columns (`keys`) and declare their metrics (`metrics`)
 STATUSES = ("ok", "unsupported", "oom", "error", "wrong", "timeout")
 
 # The core columns every row has, in order, with their Arrow types. Tasks may add columns.
@@ -63,6 +63,8 @@ CORE_SCHEMA = pa.schema(
         ("seed", pa.int64()),
         ("config_yaml", pa.string()),
         ("timestamp", pa.string()),
+        ("keys", pa.list_(pa.string())),  # the columns that identify the cell besides method, impl and task
+        ("metrics", pa.string()),  # JSON list of the task's metric declarations (name, unit, better, judge, headline)
     ]
 )
 CORE_COLUMNS = tuple(CORE_SCHEMA.names)
@@ -103,14 +105,7 @@ def write_row(results_dir: Path | str, row: dict) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     table = _table_for({**row, "schema_version": SCHEMA_VERSION})
     final = cell_path(results_dir, row["cell_id"])
-    fd, tmp = tempfile.mkstemp(prefix=f".{row['cell_id']}.", suffix=".tmp", dir=results_dir)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(final, lambda tmp: pq.write_table(table, tmp))
     return final
 
 
@@ -132,6 +127,11 @@ def read_table(path: Path | str) -> pa.Table:
 
 def read_file(path: Path | str) -> pd.DataFrame:
     return read_table(path).to_pandas()
+
+
+def read_row(path: Path | str) -> dict:
+    """One cell's row as plain Python values (nulls as None, lists as lists): edit it and `write_row` it back."""
+    return read_table(path).to_pylist()[0]
 
 
 def result_files(path: Path | str) -> list[Path]:

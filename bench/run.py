@@ -1,4 +1,6 @@
-"""`python -m bench.run [-m] method=... impl=... task=... suite=... hardware=...`: measure cells, write rows.
+"""The command line: `python -m bench.run [-m] method=... impl=... task=... suite=... hardware=...`.
+
+It plans the cells (bench.plan), has bench.sweep measure them into rows, and writes the report.
 
 Names are checked before Hydra starts, so a typo fails at once with one line
 listing the valid choices instead of a stack trace.
@@ -7,6 +9,7 @@ listing the valid choices instead of a stack trace.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -16,11 +19,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from bench.hardware import detect_device, resolve_profile
+from bench.measure.hardware import detect_device, resolve_profile
+from bench.measure.provenance import REPO_ROOT, new_run_id
+from bench.measure.timing import TimingConfig
 from bench.plan import CONF_DIR, group_names, plan_cells, resolve_suite
-from bench.provenance import REPO_ROOT, new_run_id
-from bench.runner import RunSettings, run_cells
-from bench.timing import TimingConfig
+from bench.sweep import RunSettings, run_cells
 from methods import METHODS
 from methods.registry import UnknownName, unknown
 
@@ -88,8 +91,10 @@ def run(cfg: DictConfig, cli_task_keys: tuple[str, ...] = ()) -> list[dict]:
     threads = cfg.get("threads") or suite.get("threads")
     if threads:  # before the CPU profile is measured, so peaks and rows agree
         torch.set_num_threads(int(threads))
+    # Plan first: a bad name, parameter or key fails before anything is measured (the CPU profile included).
+    planned = plan_cells(cfg, device, "", cli_task_keys)
     profile = resolve_profile(cfg.hardware, device)
-    cells = plan_cells(cfg, device, profile.name, cli_task_keys)
+    cells = [dataclasses.replace(cell, hardware=profile.name) for cell in planned]
     timing = TimingConfig(**{**(suite.get("timing") or {}), **OmegaConf.to_container(cfg.timing, resolve=True)})
     results_dir = Path(cfg.results_dir)
     if not results_dir.is_absolute():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -36,6 +36,9 @@ class Capabilities:
     cross: bool = True  # query length may differ from key length
     decode: bool = False  # one new query against a KV cache or a recurrent state
     backward: bool = True
+    # The inputs the output depends on, so backward gives them a gradient; the others get none (autograd's
+    # None, e.g. `identity` returns v and never reads q or k). Differentiate with respect to these only.
+    grad_inputs: tuple[str, ...] = ("q", "k", "v")
     dtypes: tuple[str, ...] = DTYPES
     note: str = ""  # why a capability is missing, shown next to the reason
 
@@ -89,7 +92,6 @@ class Shape:
     kv_len: int
     head_dim: int
     causal: bool
-    extra: dict = field(default_factory=dict)
 
 
 class Attention(nn.Module, abc.ABC):
@@ -105,6 +107,10 @@ class Attention(nn.Module, abc.ABC):
     family: str = ""
     exact: bool = True  # exact methods are held to the oracle's tolerance (status `wrong` otherwise)
     capabilities: Capabilities = Capabilities()
+
+    def __init__(self) -> None:
+        """No parameters; a method with parameters takes exactly its declared ones (see `registry.Param`)."""
+        super().__init__()
 
     @abc.abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -153,11 +159,33 @@ class Attention(nn.Module, abc.ABC):
         return int(fwd * MODE_FLOPS_FACTOR[mode])
 
     def state_bytes(self, batch: int, heads: int, context: int, head_dim: int, dtype: torch.dtype) -> int:
-        """Bytes a decoder keeps per layer at context N: a full KV cache for exact attention."""
-        return 2 * batch * heads * context * head_dim * torch.empty((), dtype=dtype).element_size()
+        """Bytes a decoder keeps per layer at context N: a full KV cache for exact attention.
+
+        The contract (tests/test_method_contract.py): the tensors reachable from the state that `decode_step`
+        returns after `prefill` of N - 1 tokens hold exactly `state_bytes(N)` bytes, buffers counted whole.
+        """
+        return kv_bytes(batch, heads, context, head_dim, dtype)
 
     def extra_repr(self) -> str:
         return f"method={self.method}, impl={self.impl}"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the references: fp32 for 16-bit inputs (as the kernels accumulate), else the input's."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class NoDecode:
+    """Mixin for an implementation without decode whose method class has one (a peer, a forward-only kernel):
+    the base class's `prefill` and `decode_step`, which raise `Unsupported` as its capabilities say."""
+
+    prefill = Attention.prefill
+    decode_step = Attention.decode_step
+
+
+def kv_bytes(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values for `tokens` tokens: what a KV cache (or a window of one) holds."""
+    return 2 * batch * heads * tokens * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def default_scale(head_dim: int) -> float:
@@ -183,11 +211,16 @@ class KVCache:
 
     @property
     def keys(self) -> torch.Tensor:
-        return self.k_buf[:, :, : self.length]
+        return self.k_buf[:, :, : self.n_valid]
 
     @property
     def values(self) -> torch.Tensor:
-        return self.v_buf[:, :, : self.length]
+        return self.v_buf[:, :, : self.n_valid]
+
+    @property
+    def n_valid(self) -> int:
+        """Leading buffer slots that hold tokens (all of them: a full cache evicts nothing)."""
+        return self.length
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> KVCache:
         """The cache with the new token in the next slot; `self` still covers only its own tokens."""

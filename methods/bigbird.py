@@ -26,10 +26,8 @@ from __future__ import annotations
 import torch
 
 from methods.base import KVCache
-from methods.masks import MaskMod, block_table
-from methods.registry import method, register, triton_guard
-from methods.sparse_decode import attend_positions
-from methods.sparse_layout import (
+from methods.flex import flex_forward
+from methods.kernels.layout import (
     BlockLayout,
     TileGrid,
     build_layout,
@@ -37,7 +35,10 @@ from methods.sparse_layout import (
     mask_to_lists,
     pairs_in_blocks,
 )
-from methods.sparse_patterns import FLEX, FLEX_GUARD, KERNEL, REFERENCE, FixedPattern, flex_forward
+from methods.masks import MaskMod, block_table
+from methods.registry import Param, method, register_impls, require_dot_tile
+from methods.sparse_decode import attend_positions
+from methods.sparse_patterns import FixedPattern, pattern_impls
 from methods.sparse_reference import attend, gathered_attention
 
 _M31 = 0x7FFFFFFF
@@ -53,24 +54,24 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-method(
-    "bigbird",
-    family="sparse",
-    description="global blocks + sliding window of blocks + seeded random blocks",
-    source="Zaheer et al. 2020, Big Bird: Transformers for Longer Sequences (ETC/ITC block-sparse attention)",
-    exact=False,
+BIGBIRD_PARAMS = (
+    Param("block", int, 64, "BigBird's block size (the kernel needs a power of two >= 16)", min=1),
+    Param("window_blocks", int, 3, "the query's block and its neighbours (causal: the blocks ending at it)", min=1),
+    Param("global_blocks", int, 2, "leading blocks that see and are seen by every block (ITC's g = 2)", min=0),
+    Param("random_blocks", int, 3, "BigBird's r random blocks per query block", min=0),
+    Param("seed", int, 0, "random blocks are a hash of (seed, query block, key block)"),
 )
+
+method("bigbird", family="sparse", exact=False, params=BIGBIRD_PARAMS,
+       description="global blocks + sliding window of blocks + seeded random blocks",
+       source="Zaheer et al. 2020, Big Bird: Transformers for Longer Sequences (ETC/ITC block-sparse attention)")  # fmt: skip
 
 
 class BigBird(FixedPattern):
-    def __init__(
-        self, block: int = 64, window_blocks: int = 3, global_blocks: int = 2, random_blocks: int = 3, seed: int = 0
-    ):
+    def __init__(self, block: int, window_blocks: int, global_blocks: int, random_blocks: int, seed: int):
         super().__init__()
-        if block < 1 or window_blocks < 1 or global_blocks < 0 or random_blocks < 0:
-            raise ValueError("bigbird needs block >= 1, window_blocks >= 1, global_blocks >= 0, random_blocks >= 0")
-        self.block, self.window_blocks = int(block), int(window_blocks)
-        self.global_blocks, self.random_blocks, self.seed = int(global_blocks), int(random_blocks), int(seed)
+        self.block, self.window_blocks = block, window_blocks
+        self.global_blocks, self.random_blocks, self.seed = global_blocks, random_blocks, seed
 
     def table(self, grid: TileGrid, causal: bool, device=None) -> torch.Tensor:
         """(n_tiles, n_key_blocks) bool: the key blocks each query block of `grid` (tiles = blocks) keeps."""
@@ -139,10 +140,11 @@ class BigBird(FixedPattern):
     def _kernel(self, q, k, v, causal):
         from methods.kernels.block_sparse import block_sparse_attention, kernel_tiles
 
+        require_dot_tile("block", self.block)
         n_q, n_k = q.shape[-2], k.shape[-2]
         tiles = kernel_tiles(n_q, n_k, q.shape[-1], pattern_block=self.block)
         key = ("kernel", n_q, n_k, tiles, causal, str(q.device))
-        layout = self._layouts().get(key, lambda: self._kernel_layout(n_q, n_k, tiles, causal, q.device))
+        layout = self.layouts.get(key, lambda: self._kernel_layout(n_q, n_k, tiles, causal, q.device))
         return block_sparse_attention(q, k, v, layout, causal=causal)
 
     def _flex(self, q, k, v, causal):
@@ -164,22 +166,12 @@ class BigBird(FixedPattern):
         return attend_positions(q, cache.keys, cache.values, pos, self.kind == "kernel"), cache
 
 
-@register(
-    "bigbird", "reference", "reference", REFERENCE, description="global rows dense, window + random blocks gathered"
+register_impls(
+    "bigbird",
+    BigBird,
+    *pattern_impls(
+        reference="global rows dense, window + random blocks gathered",
+        kernel="block-sparse Triton kernel, block table",
+        flex="FlexAttention, BlockMask from the block table",
+    ),
 )
-class BigBirdReference(BigBird):
-    pass
-
-
-@register(
-    "bigbird", "kernel", "kernel", KERNEL, guard=triton_guard, description="block-sparse Triton kernel, block table"
-)
-class BigBirdKernel(BigBird):
-    pass
-
-
-@register(
-    "bigbird", "flex", "peer", FLEX, guard=FLEX_GUARD, description="FlexAttention, BlockMask from the block table"
-)
-class BigBirdFlex(BigBird):
-    pass

@@ -55,19 +55,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import MODE_FLOPS_FACTOR, Attention, Capabilities, Shape, Unsupported
-from methods.registry import method, register, triton_guard
+from methods.base import MODE_FLOPS_FACTOR, Attention, Capabilities, NoDecode, Shape, Unsupported, compute_dtype
+from methods.kernels.wy import wy_factors
+from methods.registry import Param, method, register, require_dot_tile, triton_guard
 
 NOTE = "DeltaNet is a causal recurrence: its state depends on token order and no bidirectional form is defined"
 QK_ACTIVATIONS = ("identity", "silu")
 
-method(
-    "deltanet",
-    family="linear",
-    description="linear attention with the delta-rule state update, chunkwise parallel (WY/UT form)",
-    source="Yang et al. 2024, Parallelizing Linear Transformers with the Delta Rule over Sequence Length",
-    exact=False,
+DELTANET_PARAMS = (
+    Param("seed", int, 0, "init of w_beta, the learnable projection beta_t = sigmoid(k_t . w_beta)"),
+    Param("chunk_size", int, 64, "tokens per chunk (the paper's 64); the kernel needs a power of two >= 16", min=1),
+    Param("head_dim", int, None, "null: w_beta is sized on the first call; set it to create it eagerly", min=1),
+    Param("qk_activation", str, "identity", "applied to q and k before their L2 normalisation", choices=QK_ACTIVATIONS),
+    Param("scale", float, None, "on q; null: 1/sqrt(head_dim), as fla", min=0.0, min_open=True),
 )
+
+method("deltanet", family="linear", exact=False, params=DELTANET_PARAMS,
+       description="linear attention with the delta-rule state update, chunkwise parallel (WY/UT form)",
+       source="Yang et al. 2024, Parallelizing Linear Transformers with the Delta Rule over Sequence Length")  # fmt: skip
 
 
 # --- the algorithm, as functions on prepared tensors ---------------------------------------------------------
@@ -112,32 +117,6 @@ def delta_rule_recurrent(
         return None, state
     out = torch.stack(outs, dim=2) if outs else v.new_zeros(b, h, 0, v.shape[-1])
     return out, state
-
-
-def wy_factors(
-    k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, chunk_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-chunk WY/UT factors, all chunks at once: `(k, w, u)`, each `(B, H, n_chunks, C, d)`.
-
-    The sequence is zero-padded to a multiple of C; a padded token has k = v = beta = 0, so it changes
-    neither the factors of the real tokens nor the state. `w = A^{-1} diag(beta) K`, `u = A^{-1} diag(beta) V`
-    with `A = I + tril(diag(beta) K K^T, -1)`: A is unit lower-triangular, so one batched triangular solve
-    gives both (this is the UT transform; fla computes the same inverse by forward substitution).
-    """
-    b, h, n, d_k = k.shape
-    d_v = v.shape[-1]
-    pad = (-n) % chunk_size
-    if pad:
-        k, v, beta = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(beta, (0, pad))
-    n_chunks = (n + pad) // chunk_size
-    k = k.reshape(b, h, n_chunks, chunk_size, d_k)
-    v = v.reshape(b, h, n_chunks, chunk_size, d_v)
-    beta = beta.reshape(b, h, n_chunks, chunk_size, 1)
-    k_beta = k * beta
-    # Strictly lower part only: unitriangular=True takes the diagonal as 1 and never reads it.
-    a = torch.tril(k_beta @ k.transpose(-1, -2), diagonal=-1)
-    wu = torch.linalg.solve_triangular(a, torch.cat([k_beta, v * beta], dim=-1), upper=False, unitriangular=True)
-    return k, wu[..., :d_k], wu[..., d_k:]
 
 
 def delta_rule_chunked(
@@ -196,10 +175,6 @@ class DeltaState:
     length: int  # tokens folded in
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _place_queries(q: torch.Tensor, n_k: int) -> torch.Tensor:
     """Queries laid on the key positions (bottom-right alignment): zero rows where no query sits."""
     n_q = q.shape[-2]
@@ -235,24 +210,12 @@ class DeltaNetReference(Attention):
     before the L2 normalisation; `scale` on q (None: 1/sqrt(d_k)).
     """
 
-    def __init__(
-        self,
-        seed: int = 0,
-        chunk_size: int = 64,
-        head_dim: int | None = None,
-        qk_activation: str = "identity",
-        scale: float | None = None,
-    ) -> None:
+    def __init__(self, seed: int, chunk_size: int, head_dim: int | None, qk_activation: str, scale: float | None):
         super().__init__()
-        if int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        if qk_activation not in QK_ACTIVATIONS:
-            raise ValueError(f"unknown qk_activation {qk_activation!r}; choose from: {', '.join(QK_ACTIVATIONS)}")
-        self.seed, self.chunk_size, self.qk_activation = int(seed), int(chunk_size), qk_activation
-        self.scale = None if scale is None else float(scale)
+        self.seed, self.chunk_size, self.qk_activation, self.scale = seed, chunk_size, qk_activation, scale
         self.register_parameter("w_beta", None)
         if head_dim is not None:
-            self._init_beta(int(head_dim), torch.device("cpu"))
+            self._init_beta(head_dim, torch.device("cpu"))
 
     # --- parameters --------------------------------------------------------------------------------------------
     def _init_beta(self, head_dim: int, device: torch.device) -> None:
@@ -273,7 +236,7 @@ class DeltaNetReference(Attention):
         self, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q normalised and scaled, k normalised, v, beta) in the compute dtype."""
-        dtype = _compute_dtype(k.dtype)
+        dtype = compute_dtype(k.dtype)
         k = k.to(dtype)
         beta = torch.sigmoid(k @ self.beta_weight(k.shape[-1], k.device).to(dtype))  # from the raw key
         act = F.silu if self.qk_activation == "silu" else (lambda x: x)
@@ -327,7 +290,7 @@ class DeltaNetReference(Attention):
 
     def state_bytes(self, batch: int, heads: int, context: int, head_dim: int, dtype: torch.dtype) -> int:
         """d_k x d_v per head, independent of the context; kept in fp32 (8 bytes for fp64 inputs)."""
-        return batch * heads * head_dim * head_dim * torch.empty((), dtype=_compute_dtype(dtype)).element_size()
+        return batch * heads * head_dim * head_dim * torch.empty((), dtype=compute_dtype(dtype)).element_size()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunk_size={self.chunk_size}, qk_activation={self.qk_activation}"
@@ -346,15 +309,15 @@ class DeltaNetReference(Attention):
     guard=triton_guard,
     description="WY/UT factors in PyTorch, chunk recurrence and outputs in one Triton kernel (fp32 state)",
 )
-class DeltaNetKernel(DeltaNetReference):
-    """Same parameters and preparation as the reference; the chunk loop runs in `methods/kernels/deltanet_chunk.py`."""
+class DeltaNetKernel(NoDecode, DeltaNetReference):
+    """Same parameters and preparation as the reference; the chunk loop runs in `methods/kernels/deltanet_chunk.py`.
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1):
-            raise ValueError(f"the kernel needs a power-of-two chunk_size >= 16, got {self.chunk_size}")
+    No decode: the recurrent step would be the reference's PyTorch (`NoDecode` refuses it).
+    """
 
     def _chunked(self, q, k, v, beta, out_dtype: torch.dtype) -> torch.Tensor:
         from methods.kernels.deltanet_chunk import deltanet_chunk_forward
+
+        require_dot_tile("chunk_size", self.chunk_size)
 
         return deltanet_chunk_forward(q, k, v, beta, chunk_size=self.chunk_size, out_dtype=out_dtype)[0]

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.base import compute_dtype
+
 __all__ = [
     "CosformerFeatureMap",
     "EluFeatureMap",
@@ -32,11 +34,6 @@ __all__ = [
     "TaylorFeatureMap",
     "orthogonal_random_features",
 ]
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32 for 16-bit and fp32 inputs, fp64 for fp64 (the oracles)."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 class FeatureMap(nn.Module, abc.ABC):
@@ -65,7 +62,7 @@ class EluFeatureMap(FeatureMap):
         return 3 * n_tokens * head_dim  # exp on the negative side, select, +1
 
     def forward(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
-        return F.elu(x.to(_compute_dtype(x))) + 1.0
+        return F.elu(x.to(compute_dtype(x.dtype))) + 1.0
 
 
 class SiluFeatureMap(FeatureMap):
@@ -78,7 +75,7 @@ class SiluFeatureMap(FeatureMap):
         return 4 * n_tokens * head_dim  # exp, add, divide, multiply
 
     def forward(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
-        return F.silu(x.to(_compute_dtype(x)))
+        return F.silu(x.to(compute_dtype(x.dtype)))
 
 
 class CosformerFeatureMap(FeatureMap):
@@ -111,7 +108,7 @@ class CosformerFeatureMap(FeatureMap):
                 f"position {int(positions.max())} exceeds cosformer max_len {max_len}: the cos re-weighting would turn "
                 "negative; raise max_len"
             )
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x.dtype)
         relu = F.relu(x.to(dtype))
         theta = (math.pi / 2) * positions.to(device=x.device, dtype=dtype) / max_len
         return torch.cat([relu * torch.cos(theta)[:, None], relu * torch.sin(theta)[:, None]], dim=-1)
@@ -148,14 +145,12 @@ class PerformerFeatureMap(FeatureMap):
     the key exponent is bounded by |w|^2 / 2 ~ d / 2, far from overflow.
     """
 
-    def __init__(self, nb_features: int = 256, seed: int = 0, head_dim: int | None = None):
+    def __init__(self, nb_features: int, seed: int, head_dim: int | None = None):
         super().__init__()
-        if nb_features < 1:
-            raise ValueError(f"nb_features must be >= 1, got {nb_features}")
-        self.nb_features, self.seed = int(nb_features), int(seed)
+        self.nb_features, self.seed = nb_features, seed
         self.register_buffer("projection", None)
         if head_dim is not None:
-            self.projection = orthogonal_random_features(self.nb_features, int(head_dim), self.seed)
+            self.projection = orthogonal_random_features(nb_features, head_dim, seed)
 
     def feature_dim(self, head_dim: int) -> int:
         return self.nb_features
@@ -169,11 +164,11 @@ class PerformerFeatureMap(FeatureMap):
         if self.projection is None or self.projection.shape[1] != head_dim:
             # Lazy creation: deterministic from the seed, so it is the matrix an eager build would have drawn.
             self.projection = orthogonal_random_features(self.nb_features, head_dim, self.seed).to(x.device)
-        return self.projection.to(device=x.device, dtype=_compute_dtype(x))
+        return self.projection.to(device=x.device, dtype=compute_dtype(x.dtype))
 
     def forward(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
         w = self._projection_for(x)
-        x = x.to(_compute_dtype(x)) * x.shape[-1] ** -0.25
+        x = x.to(compute_dtype(x.dtype)) * x.shape[-1] ** -0.25
         u = x @ w.T
         u = u - (x * x).sum(-1, keepdim=True) / 2
         if is_query:
@@ -193,14 +188,12 @@ class TaylorFeatureMap(FeatureMap):
     normaliser is positive.
     """
 
-    def __init__(self, feature_dim: int = 16, seed: int = 0, head_dim: int | None = None):
+    def __init__(self, feature_dim: int, seed: int, head_dim: int | None = None):
         super().__init__()
-        if feature_dim < 1:
-            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
-        self.proj_dim, self.seed = int(feature_dim), int(seed)
+        self.proj_dim, self.seed = feature_dim, seed
         self.register_parameter("projection", None)
         if head_dim is not None:
-            self.projection = nn.Parameter(self._draw(int(head_dim)))
+            self.projection = nn.Parameter(self._draw(head_dim))
         rows, cols = torch.triu_indices(self.proj_dim, self.proj_dim, offset=1)
         self.register_buffer("_off_rows", rows, persistent=False)
         self.register_buffer("_off_cols", cols, persistent=False)
@@ -223,7 +216,7 @@ class TaylorFeatureMap(FeatureMap):
         if self.projection is None or self.projection.shape[0] != head_dim:
             with torch.no_grad():
                 self.projection = nn.Parameter(self._draw(head_dim).to(x.device))
-        return x.to(_compute_dtype(x)) @ self.projection.to(device=x.device, dtype=_compute_dtype(x))
+        return x.to(compute_dtype(x.dtype)) @ self.projection.to(device=x.device, dtype=compute_dtype(x.dtype))
 
     def forward(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
         y = self.project(x)

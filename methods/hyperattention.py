@@ -39,19 +39,23 @@ import math
 
 import torch
 
-from methods.base import Attention, Capabilities, KVCache, computed_pairs_dense
-from methods.registry import method, register, triton_guard
+from methods.base import Attention, Capabilities, KVCache, Unsupported, compute_dtype, computed_pairs_dense
+from methods.kernels.layout import LayoutCache, TileGrid, TokenTerms, build_layout
+from methods.registry import Impl, Param, method, register_impls, triton_guard
 from methods.sparse_decode import attend_contiguous
-from methods.sparse_layout import LayoutCache, TileGrid, TokenTerms, build_layout
-from methods.sparse_reference import attend, compute_dtype, gathered_attention, merge_partials
+from methods.sparse_reference import attend, gathered_attention, merge_partials
 
-method(
-    "hyperattention",
-    family="sparse",
-    description="LSH-sorted block-diagonal attention plus uniformly sampled columns (causal: recursive halving)",
-    source="Han et al. 2023, HyperAttention: Long-context Attention in Near-Linear Time",
-    exact=False,
+HYPERATTENTION_PARAMS = (
+    Param("block", int, 256, "sorted queries x sorted keys per diagonal block (the authors' block_size)", min=1),
+    Param("sample_size", int, 256, "uniformly sampled key columns per row (the authors' sample_size)", min=0),
+    Param("n_projs", int, 7, "LSH hyperplanes, 2^n_projs buckets (the authors' lsh_num_projs)", min=1, max=20),
+    Param("min_seq_len", int, 1024, "causal recursion stops here with exact attention", min=16),
+    Param("seed", int, 0, "fixes the LSH hyperplanes and the sampled columns"),
 )
+
+method("hyperattention", family="sparse", exact=False, params=HYPERATTENTION_PARAMS,
+       description="LSH-sorted block-diagonal attention plus uniformly sampled columns (causal: recursive halving)",
+       source="Han et al. 2023, HyperAttention: Long-context Attention in Near-Linear Time")  # fmt: skip
 
 _NOTE = "sorted query and key blocks pair one to one, so n_q must equal n_k"
 
@@ -70,14 +74,10 @@ def _seed_of(*parts) -> int:
 
 
 class HyperAttention(Attention):
-    def __init__(
-        self, block: int = 256, sample_size: int = 256, n_projs: int = 7, min_seq_len: int = 1024, seed: int = 0
-    ):
+    def __init__(self, block: int, sample_size: int, n_projs: int, min_seq_len: int, seed: int):
         super().__init__()
-        if block < 1 or sample_size < 0 or not 1 <= n_projs <= 20 or min_seq_len < 16:
-            raise ValueError("hyperattention needs block >= 1, sample_size >= 0, 1 <= n_projs <= 20, min_seq_len >= 16")
-        self.block, self.sample_size, self.n_projs = int(block), int(sample_size), int(n_projs)
-        self.min_seq_len, self.seed = int(min_seq_len), int(seed)
+        self.block, self.sample_size, self.n_projs = block, sample_size, n_projs
+        self.min_seq_len, self.seed = min_seq_len, seed
         self._cache: dict[tuple, torch.Tensor] = {}
         self._layouts = LayoutCache()  # kernel block lists depend on the shape only (sorted space)
 
@@ -177,7 +177,9 @@ class HyperAttention(Attention):
 
     def forward(self, q, k, v, causal=False):
         if q.shape[-2] != k.shape[-2]:
-            raise ValueError(f"hyperattention needs n_q == n_k ({_NOTE}); got {q.shape[-2]} and {k.shape[-2]}")
+            raise Unsupported(
+                f"query length != key length is not supported ({_NOTE}); got {q.shape[-2]}, {k.shape[-2]}"
+            )
         if q.shape[-2] == 0:
             return q.new_zeros(*q.shape[:-1], v.shape[-1])
         kernel = self.kind == "kernel"
@@ -219,24 +221,20 @@ class HyperAttention(Attention):
         return attend_contiguous(q, cache.keys, cache.values, self.kind == "kernel"), cache
 
 
-@register(
+register_impls(
     "hyperattention",
-    "reference",
-    "reference",
-    Capabilities(cross=False, decode=True, note=_NOTE),
-    description="LSH sort, per-block gather, sampled columns in PyTorch",
+    HyperAttention,
+    Impl(
+        "reference",
+        "reference",
+        Capabilities(cross=False, decode=True, note=_NOTE),
+        description="LSH sort, per-block gather, sampled columns in PyTorch",
+    ),
+    Impl(
+        "kernel",
+        "kernel",
+        Capabilities(cross=False, decode=True, backward=False, note=f"{_NOTE}; the Triton kernels are forward-only"),
+        guard=triton_guard,
+        description="LSH sort in PyTorch, block-diagonal on the block-sparse kernel, samples on the gather kernel",
+    ),
 )
-class HyperAttentionReference(HyperAttention):
-    pass
-
-
-@register(
-    "hyperattention",
-    "kernel",
-    "kernel",
-    Capabilities(cross=False, decode=True, backward=False, note=f"{_NOTE}; the Triton kernels are forward-only"),
-    guard=triton_guard,
-    description="LSH sort in PyTorch, block-diagonal on the block-sparse kernel, samples on the gather kernel",
-)
-class HyperAttentionKernel(HyperAttention):
-    pass

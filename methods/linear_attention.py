@@ -34,14 +34,13 @@ output 0; the decode state is kept in fp32 (a 16-bit z would overflow past
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from methods.base import Attention, Capabilities, Shape, Unsupported
+from methods.base import Attention, Capabilities, Shape, Unsupported, compute_dtype
 from methods.feature_maps import (
     CosformerFeatureMap,
     EluFeatureMap,
@@ -50,7 +49,7 @@ from methods.feature_maps import (
     SiluFeatureMap,
     TaylorFeatureMap,
 )
-from methods.registry import METHODS, method, register, triton_guard
+from methods.registry import Impl, Param, build, method, register_impls, require_dot_tile, triton_guard
 
 __all__ = [
     "LinearState",
@@ -69,14 +68,10 @@ MODE_FACTOR = {"fwd": 1.0, "decode": 1.0, "bwd": 2.0, "fwd_bwd": 3.0}
 State = tuple[torch.Tensor, torch.Tensor | None]  # (S (B, H, F, Dv), z (B, H, F) or None), fp32
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)
-
-
 def _initial(
     initial_state: State | None, b: int, h: int, feat: int, dv: int, normalize: bool, like: torch.Tensor
 ) -> State:
-    dtype = _compute_dtype(like)
+    dtype = compute_dtype(like.dtype)
     if initial_state is None:
         s = like.new_zeros(b, h, feat, dv, dtype=dtype)
         return s, (like.new_zeros(b, h, feat, dtype=dtype) if normalize else None)
@@ -114,7 +109,7 @@ def linear_attention_chunked(
     """
     if log_decay is not None and not causal:
         raise ValueError("a decayed linear attention is a causal recurrence; non-causal is not defined")
-    out_dtype, cdt = v.dtype, _compute_dtype(v)
+    out_dtype, cdt = v.dtype, compute_dtype(v.dtype)
     q, k, v = phi_q.to(cdt), phi_k.to(cdt), v.to(cdt)
     b, h, n_q, feat = q.shape
     n_k, dv = k.shape[2], v.shape[-1]
@@ -209,7 +204,7 @@ def linear_attention_state(
     phi_k: torch.Tensor, v: torch.Tensor, *, log_decay: torch.Tensor | None = None, normalize: bool = True
 ) -> State:
     """(S, z) after the context, in fp32: S = sum_j lambda^(n-1-j) phi(k_j)^T v_j. What prefill hands to decode."""
-    cdt = _compute_dtype(v)
+    cdt = compute_dtype(v.dtype)
     k, v = phi_k.to(cdt), v.to(cdt)
     n = k.shape[2]
     if log_decay is not None:
@@ -348,6 +343,15 @@ LIGHTNING_CAPS = Capabilities(non_causal=False, decode=True, note=_CAUSAL_ONLY)
 LIGHTNING_KERNEL_CAPS = Capabilities(
     non_causal=False, decode=True, backward=False, note=_CAUSAL_ONLY + "; forward-only kernel"
 )
+# Every method of the family chunks its core and floors its normaliser the same way.
+CHUNK_SIZE = Param("chunk_size", int, 64, "tokens per chunk (the kernel needs a power of two >= 16)", min=1)
+EPS_PARAM = Param("eps", float, EPS, "normaliser floor: out = phi(q)S / max(phi(q).z, eps)", min=0.0, min_open=True)
+SEED = Param("seed", int, 0, "draws the method's projection (the same on every device)")
+HEAD_DIM = Param(
+    "head_dim", int, None, "null: the projection is created on the first call; set it to create it now", min=1
+)
+CHUNKED = (CHUNK_SIZE, EPS_PARAM)  # every normalised method ends with these
+PROJECTED = (SEED, HEAD_DIM, *CHUNKED)  # and methods with a seeded projection of head_dim with these
 
 
 class LinearAttentionBase(Attention):
@@ -361,11 +365,9 @@ class LinearAttentionBase(Attention):
 
     normalize: bool = True
 
-    def __init__(self, chunk_size: int = 64, eps: float = EPS):
+    def __init__(self, chunk_size: int, eps: float):
         super().__init__()
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        self.chunk_size, self.eps = int(chunk_size), float(eps)
+        self.chunk_size, self.eps = chunk_size, eps
         self.feature_map: FeatureMap = EluFeatureMap()
 
     # --- hooks ------------------------------------------------------------------------------
@@ -504,6 +506,7 @@ class _KernelCore:
     def _core(self, phi_q, phi_k, v, causal, log_decay, initial_state=None, output_final_state=False):
         from methods.kernels.chunked_linear import chunked_linear_attention_forward
 
+        require_dot_tile("chunk_size", self.chunk_size)
         return chunked_linear_attention_forward(
             phi_q, phi_k, v, causal=causal, log_decay=log_decay, normalize=self.normalize, eps=self.eps,
             chunk_size=self.chunk_size, initial_state=initial_state, output_final_state=output_final_state,
@@ -513,72 +516,71 @@ class _KernelCore:
         return self._core(phi_q, phi_k, v, True, log_decay, initial_state=state, output_final_state=True)
 
 
+def family_impls(
+    reference: str, kernel: str, reference_caps: Capabilities = REFERENCE_CAPS, kernel_caps: Capabilities = KERNEL_CAPS
+) -> tuple[Impl, Impl]:
+    """A linear method's two implementations: its class as the reference, and with `_KernelCore` as the kernel."""
+    return (
+        Impl("reference", "reference", reference_caps, description=reference),
+        Impl("kernel", "kernel", kernel_caps, guard=triton_guard, description=kernel, mixins=(_KernelCore,)),
+    )
+
+
 # --- linear -----------------------------------------------------------------------------------------------------------
 
-method(
-    "linear",
-    family="linear",
-    description="linear attention, elu(x)+1 features, normalised",
-    source='Katharopoulos et al. 2020, "Transformers are RNNs"',
-    exact=False,
+LINEAR_PARAMS = CHUNKED
+
+method("linear", family="linear", exact=False, params=LINEAR_PARAMS,
+       description="linear attention, elu(x)+1 features, normalised",
+       source='Katharopoulos et al. 2020, "Transformers are RNNs"')  # fmt: skip
+
+
+class Linear(LinearAttentionBase):
+    """phi(x) = elu(x) + 1, the base class's feature map."""
+
+
+register_impls(
+    "linear", Linear, *family_impls("chunked PyTorch (intra-chunk masked + state)", "chunked Triton forward")
 )
-
-
-@register(
-    "linear", "reference", "reference", REFERENCE_CAPS, description="chunked PyTorch (intra-chunk masked + state)"
-)
-class LinearReference(LinearAttentionBase):
-    """phi(x) = elu(x) + 1; params: chunk_size (64), eps (1e-6)."""
-
-
-@register("linear", "kernel", "kernel", KERNEL_CAPS, guard=triton_guard, description="chunked Triton forward")
-class LinearKernel(_KernelCore, LinearReference):
-    pass
 
 
 # --- performer --------------------------------------------------------------------------------------------------------
 
-method(
-    "performer",
-    family="linear",
-    description="FAVOR+ positive orthogonal random features (unbiased estimate of softmax's kernel)",
-    source='Choromanski et al. 2021, "Rethinking Attention with Performers"',
-    exact=False,
+PERFORMER_PARAMS = (
+    Param("nb_features", int, 256, "m random features (~ d log d at d = 64); the state is m x d per head", min=1),
+    *PROJECTED,
 )
 
+method("performer", family="linear", exact=False, params=PERFORMER_PARAMS,
+       description="FAVOR+ positive orthogonal random features (unbiased estimate of softmax's kernel)",
+       source='Choromanski et al. 2021, "Rethinking Attention with Performers"')  # fmt: skip
 
-@register("performer", "reference", "reference", REFERENCE_CAPS, description="FAVOR+ features + chunked PyTorch")
-class PerformerReference(LinearAttentionBase):
-    """params: nb_features (256), seed (0), head_dim (None: the projection is drawn lazily at the first call)."""
 
-    def __init__(
-        self, nb_features: int = 256, seed: int = 0, head_dim: int | None = None, chunk_size: int = 64, eps: float = EPS
-    ):
+class Performer(LinearAttentionBase):
+    """phi = FAVOR+ positive orthogonal random features, drawn from `seed` (lazily unless `head_dim` is given)."""
+
+    def __init__(self, nb_features: int, seed: int, head_dim: int | None, chunk_size: int, eps: float):
         super().__init__(chunk_size, eps)
         self.feature_map = PerformerFeatureMap(nb_features, seed, head_dim)
 
 
-@register("performer", "kernel", "kernel", KERNEL_CAPS, guard=triton_guard, description="FAVOR+ + chunked Triton")
-class PerformerKernel(_KernelCore, PerformerReference):
-    pass
+register_impls("performer", Performer, *family_impls("FAVOR+ features + chunked PyTorch", "FAVOR+ + chunked Triton"))
 
 
 # --- cosformer --------------------------------------------------------------------------------------------------------
 
-method(
-    "cosformer",
-    family="linear",
-    description="ReLU features with cos(pi/2 (i-j)/M) re-weighting, as cos/sin feature halves",
-    source='Qin et al. 2022, "cosFormer: Rethinking Softmax in Attention"',
-    exact=False,
+COSFORMER_PARAMS = (
+    Param("max_len", int, None, "M; null: max(n_q, n_k) per call, context + 1 at prefill", min=1),
+    *CHUNKED,
 )
 
+method("cosformer", family="linear", exact=False, params=COSFORMER_PARAMS,
+       description="ReLU features with cos(pi/2 (i-j)/M) re-weighting, as cos/sin feature halves",
+       source='Qin et al. 2022, "cosFormer: Rethinking Softmax in Attention"')  # fmt: skip
 
-@register(
-    "cosformer", "reference", "reference", REFERENCE_CAPS, description="cos/sin re-weighted ReLU + chunked PyTorch"
-)
-class CosformerReference(LinearAttentionBase):
-    """params: max_len (M; None: max(n_q, n_k) per call, as the paper; at prefill, context + 1).
+
+class Cosformer(LinearAttentionBase):
+    """max_len: M (None: max(n_q, n_k) per call, as the paper; at prefill, context + 1).
 
     The re-weighting cos(pi/2 (i - j) / M) needs one M for every token a state
     has seen, so a decode state fixes M at prefill: with max_len None it is the
@@ -586,9 +588,9 @@ class CosformerReference(LinearAttentionBase):
     forward over context + 1 tokens; generating more tokens needs max_len set.
     """
 
-    def __init__(self, max_len: int | None = None, chunk_size: int = 64, eps: float = EPS):
+    def __init__(self, max_len: int | None, chunk_size: int, eps: float):
         super().__init__(chunk_size, eps)
-        self.max_len = None if max_len is None else int(max_len)
+        self.max_len = max_len
         self.feature_map = CosformerFeatureMap()
 
     def features(self, x, is_query, positions, max_len):
@@ -601,25 +603,28 @@ class CosformerReference(LinearAttentionBase):
         return self.max_len or n + 1
 
 
-@register("cosformer", "kernel", "kernel", KERNEL_CAPS, guard=triton_guard, description="cos/sin folded into F, Triton")
-class CosformerKernel(_KernelCore, CosformerReference):
-    pass
+register_impls(
+    "cosformer", Cosformer, *family_impls("cos/sin re-weighted ReLU + chunked PyTorch", "cos/sin folded into F, Triton")
+)
 
 
 # --- lightning --------------------------------------------------------------------------------------------------------
 
-method(
-    "lightning",
-    family="linear",
-    description="TransNormer NormAttention: silu features, per-head decay, no normaliser, RMSNorm on the output",
-    source="Qin et al. 2022 (TransNormer), 2023 (TransNormerLLM), 2024 (Lightning Attention-2)",
-    exact=False,
+LIGHTNING_PARAMS = (
+    Param(
+        "decay_scale", float, 1.0, "multiplies the ALiBi slopes (TransNormerLLM's 1 - l/(L-1)); 0: no decay", min=0.0
+    ),
+    Param("norm_eps", float, 1e-6, "RMSNorm epsilon", min=0.0, min_open=True),
+    CHUNK_SIZE,
 )
 
+method("lightning", family="linear", exact=False, params=LIGHTNING_PARAMS,
+       description="TransNormer NormAttention: silu features, per-head decay, no normaliser, RMSNorm on the output",
+       source="Qin et al. 2022 (TransNormer), 2023 (TransNormerLLM), 2024 (Lightning Attention-2)")  # fmt: skip
 
-@register("lightning", "reference", "reference", LIGHTNING_CAPS, description="decayed chunked PyTorch + RMSNorm")
-class LightningReference(LinearAttentionBase):
-    """params: decay_scale (1.0; 0 removes the decay), norm_eps (1e-6), chunk_size (64).
+
+class Lightning(LinearAttentionBase):
+    """decay_scale (0 removes the decay), norm_eps, chunk_size.
 
     Per-head decay lambda_h = exp(-decay_scale * slope_h) with ALiBi's slopes,
     as TransNormerLLM (whose per-layer factor 1 - l/(L-1) is decay_scale here).
@@ -629,127 +634,92 @@ class LightningReference(LinearAttentionBase):
 
     normalize = False
 
-    def __init__(self, decay_scale: float = 1.0, norm_eps: float = 1e-6, chunk_size: int = 64):
-        super().__init__(chunk_size)
-        if decay_scale < 0:
-            raise ValueError(f"decay_scale must be >= 0, got {decay_scale}")
-        self.decay_scale, self.norm_eps = float(decay_scale), float(norm_eps)
+    def __init__(self, decay_scale: float, norm_eps: float, chunk_size: int):
+        super().__init__(chunk_size, EPS)
+        self.decay_scale, self.norm_eps = decay_scale, norm_eps
         self.feature_map = SiluFeatureMap()
+
+    def linear_part(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        if not causal:
+            raise Unsupported(f"non-causal attention is not supported ({_CAUSAL_ONLY})")
+        return super().linear_part(q, k, v, causal)
 
     def log_decay(self, heads: int, device: torch.device) -> torch.Tensor:
         return (-self.decay_scale * alibi_slopes(heads)).to(device)
 
     def _post(self, out: torch.Tensor) -> torch.Tensor:
-        x = out.to(_compute_dtype(out))
+        x = out.to(compute_dtype(out.dtype))
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.norm_eps)).to(out.dtype)
 
     def _post_flops(self, shape: Shape, n_q: int, mode: str) -> int:
         return int(4 * shape.batch * shape.heads * n_q * shape.head_dim * MODE_FACTOR[mode])
 
 
-@register(
-    "lightning", "kernel", "kernel", LIGHTNING_KERNEL_CAPS, guard=triton_guard, description="decayed chunked Triton"
+register_impls(
+    "lightning",
+    Lightning,
+    *family_impls("decayed chunked PyTorch + RMSNorm", "decayed chunked Triton", LIGHTNING_CAPS, LIGHTNING_KERNEL_CAPS),
 )
-class LightningKernel(_KernelCore, LightningReference):
-    pass
 
 
 # --- based ------------------------------------------------------------------------------------------------------------
 
-method(
-    "based",
-    family="linear",
-    description="2nd-order Taylor linear attention on a projected dim + sliding-window softmax, summed",
-    source='Arora et al. 2024, "Simple linear attention language models balance the recall-throughput tradeoff"',
-    exact=False,
+BASED_PARAMS = (
+    Param("feature_dim", int, 16, "q, k projected to f dims; Taylor features have 1 + f + f(f+1)/2 dims", min=1),
+    Param("window", int, 64, "sliding-window size (the paper's 64)", min=1),
+    *PROJECTED,
 )
 
+method("based", family="linear", exact=False, params=BASED_PARAMS,
+       description="2nd-order Taylor linear attention on a projected dim + sliding-window softmax, summed",
+       source='Arora et al. 2024, "Simple linear attention language models balance the recall-throughput tradeoff"')  # fmt: skip
 
-@register("based", "reference", "reference", REFERENCE_CAPS, description="Taylor + chunked PyTorch + window reference")
-class BasedReference(LinearAttentionBase):
-    """params: feature_dim (16), window (64), seed (0), head_dim (None: lazy projection), chunk_size, eps.
+
+class Based(LinearAttentionBase):
+    """Taylor linear attention plus an exact sliding window, summed.
 
     The linear half carries long-range, low-precision recall; the exact
     sliding window carries the local, precise part (Based's hybrid). The window
-    is the sparse family's `sliding_window` method, built lazily (its module is
-    written separately), with the same impl kind as this one.
+    is the sparse family's `sliding_window` method with the same impl as this
+    one (`reference` or `kernel`), so both halves run the same kind of code.
     """
 
-    window_impl = "reference"
-
-    def __init__(
-        self,
-        feature_dim: int = 16,
-        window: int = 64,
-        seed: int = 0,
-        head_dim: int | None = None,
-        chunk_size: int = 64,
-        eps: float = EPS,
-    ):
+    def __init__(self, feature_dim: int, window: int, seed: int, head_dim: int | None, chunk_size: int, eps: float):
         super().__init__(chunk_size, eps)
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.window = int(window)
+        self.window = window
         self.feature_map = TaylorFeatureMap(feature_dim, seed, head_dim)
-        self.window_attn: Attention | None = None
-
-    def window_method(self) -> Attention:
-        """The `sliding_window` method, built on first use; Unsupported (a row, not a crash) if it is not there."""
-        if self.window_attn is None:
-            if "sliding_window" not in METHODS:
-                try:
-                    importlib.import_module("methods.sparse_patterns")
-                except ImportError as err:
-                    raise Unsupported(f"based needs the sliding_window method, which is not available ({err})") from err
-            if "sliding_window" not in METHODS:
-                raise Unsupported("based needs the sliding_window method, which is not registered")
-            from methods.registry import build
-
-            self.window_attn = build("sliding_window", impl=self.window_impl, window=self.window)
-        return self.window_attn
+        self.window_attn = build("sliding_window", impl=self.kind, window=window)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        window = self.window_method()
-        return (self.linear_part(q, k, v, causal) + window(q, k, v, causal=causal)).to(q.dtype)
+        return (self.linear_part(q, k, v, causal) + self.window_attn(q, k, v, causal=causal)).to(q.dtype)
 
     def naive(self, q, k, v, causal, dtype=torch.float64):
         """Linear half from the quadratic oracle; window half from the window method's reference on `dtype` inputs."""
         linear = super().naive(q, k, v, causal, dtype)
-        from methods.registry import build
-
-        self.window_method()  # the same Unsupported when the window method is missing
         window = build("sliding_window", impl="reference", window=self.window)
         return linear + window(q.to(dtype), k.to(dtype), v.to(dtype), causal=causal).to(dtype)
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor) -> LinearState:
         state = super().prefill(k, v)
-        state.window = self.window_method().prefill(k, v)
+        state.window = self.window_attn.prefill(k, v)
         return state
 
     def decode_step(self, q, k_new, v_new, state):
         out, new_state = self._linear_step(q, k_new, v_new, state)
-        window_out, new_state.window = self.window_method().decode_step(q, k_new, v_new, state.window)
+        window_out, new_state.window = self.window_attn.decode_step(q, k_new, v_new, state.window)
         return (out + window_out).to(q.dtype), new_state
 
     def _post_flops(self, shape: Shape, n_q: int, mode: str) -> int:
-        try:
-            return self.window_method().flops(shape, mode)
-        except Unsupported:
-            visible = min(self.window, shape.kv_len)
-            return int(4 * shape.batch * shape.heads * n_q * visible * shape.head_dim * MODE_FACTOR[mode])
+        return self.window_attn.flops(shape, mode)
 
     def state_bytes(self, batch: int, heads: int, context: int, head_dim: int, dtype: torch.dtype) -> int:
         """The linear state plus the window's KV cache (at most `window` tokens)."""
         linear = super().state_bytes(batch, heads, context, head_dim, dtype)
-        try:
-            return linear + self.window_method().state_bytes(batch, heads, context, head_dim, dtype)
-        except Unsupported:
-            elt = torch.empty((), dtype=dtype).element_size()
-            return linear + 2 * batch * heads * min(context, self.window) * head_dim * elt
+        return linear + self.window_attn.state_bytes(batch, heads, context, head_dim, dtype)
 
 
-@register(
-    "based", "kernel", "kernel", KERNEL_CAPS, guard=triton_guard, description="Taylor + chunked Triton + window kernel"
+register_impls(
+    "based",
+    Based,
+    *family_impls("Taylor + chunked PyTorch + window reference", "Taylor + chunked Triton + window kernel"),
 )
-class BasedKernel(_KernelCore, BasedReference):
-    window_impl = "kernel"

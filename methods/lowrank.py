@@ -25,20 +25,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import MODE_FLOPS_FACTOR, Attention, Capabilities, Shape, Unsupported
-from methods.registry import method, register, triton_guard
+from methods.base import MODE_FLOPS_FACTOR, Attention, Capabilities, Shape, Unsupported, compute_dtype, kv_bytes
+from methods.registry import Param, method, register, triton_guard
 
 # --- Nyströmformer --------------------------------------------------------------------------------------------
 
 NYSTROM_NOTE = "Nystrom landmarks are means over the whole sequence, so every output depends on future tokens"
 
-method(
-    "nystromformer",
-    family="low-rank",
-    description="Nystrom approximation of softmax attention with segment-mean landmarks and an iterative pinv",
-    source="Xiong et al. 2021, Nystromformer: A Nystrom-Based Algorithm for Approximating Self-Attention",
-    exact=False,
+NYSTROMFORMER_PARAMS = (
+    Param(
+        "num_landmarks", int, 64, "m; capped at the sequence length; uneven segments when m does not divide N", min=1
+    ),
+    Param("pinv_iters", int, 6, "iterations of the Moore-Penrose approximation (the paper's 6)", min=0),
+    Param("conv_kernel", int, 0, "0: off; the paper's optional depthwise conv skip on V (33 in its code)", min=0),
+    Param("seed", int, 0, "init of the conv skip"),
+    Param("heads", int, None, "null: the conv skip is sized on the first call", min=1),
 )
+
+method("nystromformer", family="low-rank", exact=False, params=NYSTROMFORMER_PARAMS,
+       description="Nystrom approximation of softmax attention with segment-mean landmarks and an iterative pinv",
+       source="Xiong et al. 2021, Nystromformer: A Nystrom-Based Algorithm for Approximating Self-Attention")  # fmt: skip
 
 
 def segment_means(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -73,10 +79,6 @@ def iterative_pinv(a: torch.Tensor, iters: int = 6) -> torch.Tensor:
     return z
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _require_one_head_dim(q: torch.Tensor, v: torch.Tensor) -> None:
     """The kernel impls run `flash_attention_forward`, which takes one head dim for q, k and v."""
     if q.shape[-1] != v.shape[-1]:
@@ -102,24 +104,12 @@ class NystromReference(Attention):
     code's `(K1 pinv(K2)) (K3 V)` with its extra O(N m^2), same result.
     """
 
-    def __init__(
-        self,
-        num_landmarks: int = 64,
-        pinv_iters: int = 6,
-        conv_kernel: int = 0,
-        seed: int = 0,
-        heads: int | None = None,
-    ) -> None:
+    def __init__(self, num_landmarks: int, pinv_iters: int, conv_kernel: int, seed: int, heads: int | None) -> None:
         super().__init__()
-        if int(num_landmarks) < 1:
-            raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
-        if int(pinv_iters) < 0 or int(conv_kernel) < 0:
-            raise ValueError(f"pinv_iters and conv_kernel must be >= 0, got {pinv_iters} and {conv_kernel}")
-        self.num_landmarks, self.pinv_iters = int(num_landmarks), int(pinv_iters)
-        self.conv_kernel, self.seed = int(conv_kernel), int(seed)
+        self.num_landmarks, self.pinv_iters, self.conv_kernel, self.seed = num_landmarks, pinv_iters, conv_kernel, seed
         self.register_parameter("conv_weight", None)
         if self.conv_kernel and heads is not None:
-            self._init_conv(int(heads), torch.device("cpu"))
+            self._init_conv(heads, torch.device("cpu"))
 
     def _init_conv(self, heads: int, device: torch.device) -> None:
         """PyTorch's Conv2d default init (kaiming uniform, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -161,7 +151,7 @@ class NystromReference(Attention):
         self._check(q, k, causal)
         if k.shape[-2] == 0 or q.shape[-2] == 0:
             return q.new_zeros(*q.shape[:-1], v.shape[-1])
-        dtype = _compute_dtype(q.dtype)
+        dtype = compute_dtype(q.dtype)
         qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
         out = self._attend(qc, kc, vc, self.landmarks(q.shape[-2], k.shape[-2]), q.dtype)
         if self.conv_kernel:
@@ -189,8 +179,7 @@ class NystromReference(Attention):
 
     def state_bytes(self, batch: int, heads: int, context: int, head_dim: int, dtype: torch.dtype) -> int:
         """What answers a new query: the key landmarks K~ and `pinv(K2) K3 V`, m x d each (built from all N)."""
-        m = max(1, min(self.num_landmarks, context))
-        return 2 * batch * heads * m * head_dim * torch.empty((), dtype=dtype).element_size()
+        return kv_bytes(batch, heads, max(1, min(self.num_landmarks, context)), head_dim, dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_landmarks={self.num_landmarks}, pinv_iters={self.pinv_iters}"
@@ -227,13 +216,22 @@ class NystromKernel(NystromReference):
 LINFORMER_NOTE = "Linformer's sequence projection mixes future tokens"
 LINFORMER_INITS = ("xavier", "identity")
 
-method(
-    "linformer",
-    family="low-rank",
-    description="softmax attention against keys and values projected along the sequence to k rows",
-    source="Wang et al. 2020, Linformer: Self-Attention with Linear Complexity",
-    exact=False,
+LINFORMER_PARAMS = (
+    Param("k", int, 256, "projected length (the paper's main setting)", min=1),
+    Param("max_seq_len", int, 16384, "E, F are (k, max_seq_len); longer key sequences are unsupported", min=1),
+    Param("seed", int, 0, "init of E and F"),
+    Param(
+        "init",
+        str,
+        "xavier",
+        "xavier (the paper's code) | identity (exact softmax when k == N)",
+        choices=LINFORMER_INITS,
+    ),
 )
+
+method("linformer", family="low-rank", exact=False, params=LINFORMER_PARAMS,
+       description="softmax attention against keys and values projected along the sequence to k rows",
+       source="Wang et al. 2020, Linformer: Self-Attention with Linear Complexity")  # fmt: skip
 
 
 @register(
@@ -254,13 +252,9 @@ class LinformerReference(Attention):
     shorter than `max_seq_len` use the first n_k columns, as fairseq does.
     """
 
-    def __init__(self, k: int = 256, max_seq_len: int = 16384, seed: int = 0, init: str = "xavier") -> None:
+    def __init__(self, k: int, max_seq_len: int, seed: int, init: str) -> None:
         super().__init__()
-        if int(k) < 1 or int(max_seq_len) < 1:
-            raise ValueError(f"k and max_seq_len must be >= 1, got {k} and {max_seq_len}")
-        if init not in LINFORMER_INITS:
-            raise ValueError(f"unknown init {init!r}; choose from: {', '.join(LINFORMER_INITS)}")
-        self.k, self.max_seq_len, self.seed, self.init = int(k), int(max_seq_len), int(seed), init
+        self.k, self.max_seq_len, self.seed, self.init = k, max_seq_len, seed, init
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         self.E = nn.Parameter(self._initial(gen))
         self.F = nn.Parameter(self._initial(gen))
@@ -286,7 +280,7 @@ class LinformerReference(Attention):
 
     def forward(self, q, k, v, causal=False):
         self._check(k.shape[-2], causal)
-        dtype = _compute_dtype(q.dtype)
+        dtype = compute_dtype(q.dtype)
         q, k_p, v_p = q.to(dtype), *self.project(k.to(dtype), v.to(dtype))
         scores = q @ k_p.transpose(-1, -2) / math.sqrt(q.shape[-1])
         return (torch.softmax(scores, dim=-1) @ v_p).to(v.dtype)
@@ -306,7 +300,7 @@ class LinformerReference(Attention):
 
     def state_bytes(self, batch: int, heads: int, context: int, head_dim: int, dtype: torch.dtype) -> int:
         """The projected keys and values, k x d each (built from all N tokens)."""
-        return 2 * batch * heads * self.k * head_dim * torch.empty((), dtype=dtype).element_size()
+        return kv_bytes(batch, heads, self.k, head_dim, dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}, max_seq_len={self.max_seq_len}, init={self.init}"
@@ -326,6 +320,6 @@ class LinformerKernel(LinformerReference):
 
         self._check(k.shape[-2], causal)
         _require_one_head_dim(q, v)
-        dtype = _compute_dtype(q.dtype)
+        dtype = compute_dtype(q.dtype)
         k_p, v_p = self.project(k.to(dtype), v.to(dtype))
         return flash_attention_forward(q, k_p.to(q.dtype), v_p.to(q.dtype))

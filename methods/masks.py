@@ -24,42 +24,24 @@ reusable for both directions.
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.flex_attention import or_masks
 
-from methods.oracle import MaskMod, and_masks, causal_mask_mod
+from methods.kernels.layout import TokenTerms
+from methods.oracle import MaskMod, with_causal
 
 __all__ = [
     "MaskMod",
-    "and_masks",
     "band",
     "block_table",
     "dense_mask",
     "local_blocks",
-    "or_masks",
     "sinks",
     "sliding_window",
     "summary_columns",
+    "terms_mask_mod",
     "window_extent",
     "with_causal",
 ]
-
-
-def or_masks(*mods: MaskMod) -> MaskMod:
-    """A key is visible when any of `mods` shows it (attention-gym's `or_masks`)."""
-    if not mods:
-        raise ValueError("or_masks needs at least one mask_mod")
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        out = mods[0](b, h, q_idx, kv_idx)
-        for m in mods[1:]:
-            out = out | m(b, h, q_idx, kv_idx)
-        return out
-
-    return mask_mod
-
-
-def with_causal(mask_mod: MaskMod | None, n_queries: int, n_keys: int, causal: bool) -> MaskMod | None:
-    """`mask_mod` AND bottom-right causal when `causal` (what FlexAttention must be given)."""
-    return and_masks(causal_mask_mod(n_queries, n_keys) if causal else None, mask_mod)
 
 
 def window_extent(window: int, causal: bool) -> tuple[int, int]:
@@ -115,6 +97,23 @@ def summary_columns(stride: int, summary: int) -> MaskMod:
         return kv_idx % stride >= stride - summary
 
     return mask_mod
+
+
+def terms_mask_mod(terms: TokenTerms, offset: int) -> MaskMod | None:
+    """The union of a pattern's token terms as one mask_mod (None when no term is set): what the
+    block-sparse kernel evaluates in its partial blocks, for the oracle and FlexAttention."""
+    mods = []
+    if terms.band is not None:
+        mods.append(band(*terms.band, offset=offset))
+    if terms.sinks > 0:
+        mods.append(sinks(terms.sinks))
+    if terms.local > 0:
+        mods.append(local_blocks(terms.local, offset=offset))
+    if terms.columns:
+        mods.append(summary_columns(*terms.columns))
+    if len(mods) < 2:
+        return mods[0] if mods else None
+    return or_masks(*mods)
 
 
 def block_table(table: torch.Tensor, block: int, first_block: int, offset: int = 0) -> MaskMod:

@@ -19,17 +19,18 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from methods.base import Attention, Capabilities, default_scale
-from methods.registry import method, register, triton_guard
-from methods.sparse_reference import compute_dtype
+from methods.base import Attention, Capabilities, compute_dtype, default_scale
+from methods.registry import Impl, Param, method, register_impls, triton_guard
+from methods.softmax import SoftmaxKernel
 
-method(
-    "memory_efficient",
-    family="exact",
-    description="exact softmax in query x key chunks with an online softmax: O(N) memory",
-    source="Rabe & Staats 2021, Self-attention Does Not Need O(n^2) Memory",
-    exact=True,
+MEMORY_EFFICIENT_PARAMS = (
+    Param("query_chunk", int, 1024, "queries per chunk (the paper's 1024)", min=1),
+    Param("key_chunk", int, 4096, "keys per chunk (the paper's 4096)", min=1),
 )
+
+method("memory_efficient", family="exact", exact=True, params=MEMORY_EFFICIENT_PARAMS,
+       description="exact softmax in query x key chunks with an online softmax: O(N) memory",
+       source="Rabe & Staats 2021, Self-attention Does Not Need O(n^2) Memory")  # fmt: skip
 
 
 def _chunk_summary(q, k, v, q_pos, k_pos, causal: bool, scale: float):
@@ -44,21 +45,13 @@ def _chunk_summary(q, k, v, q_pos, k_pos, causal: bool, scale: float):
 
 
 class MemoryEfficient(Attention):
-    def __init__(self, query_chunk: int = 1024, key_chunk: int = 4096):
+    """The reference: query x key chunks with a running max and sum (the online softmax), each chunk's
+    summary recomputed in backward (`torch.utils.checkpoint`), so neither pass holds an N x N block."""
+
+    def __init__(self, query_chunk: int, key_chunk: int):
         super().__init__()
-        if query_chunk < 1 or key_chunk < 1:
-            raise ValueError(f"chunks must be >= 1, got query_chunk={query_chunk}, key_chunk={key_chunk}")
-        self.query_chunk, self.key_chunk = int(query_chunk), int(key_chunk)
+        self.query_chunk, self.key_chunk = query_chunk, key_chunk
 
-
-@register(
-    "memory_efficient",
-    "reference",
-    "reference",
-    Capabilities(decode=True),
-    description="query x key chunks with running max/sum, checkpointed chunks for O(N) backward memory",
-)
-class MemoryEfficientReference(MemoryEfficient):
     def forward(self, q, k, v, causal=False):
         batch, heads, n_q, d = q.shape
         n_k = k.shape[-2]
@@ -98,16 +91,22 @@ class MemoryEfficientReference(MemoryEfficient):
         return torch.cat(outs, dim=2).to(q.dtype)
 
 
-@register(
+register_impls(
     "memory_efficient",
-    "kernel",
-    "kernel",
-    Capabilities(decode=True, backward=False, note="the Triton kernel is forward-only"),
-    guard=triton_guard,
-    description="the same online softmax fused: our Triton FlashAttention-2 forward",
+    MemoryEfficient,
+    Impl(
+        "reference",
+        "reference",
+        Capabilities(decode=True),
+        description="query x key chunks with running max/sum, checkpointed chunks for O(N) backward memory",
+    ),
+    # The fused form of the same online softmax is exactly softmax's kernel: its forward, this method's parameters.
+    Impl(
+        "kernel",
+        "kernel",
+        Capabilities(decode=True, backward=False, note="the Triton kernel is forward-only"),
+        guard=triton_guard,
+        description="the same online softmax fused: our Triton FlashAttention-2 forward",
+        mixins=(SoftmaxKernel,),
+    ),
 )
-class MemoryEfficientKernel(MemoryEfficient):
-    def forward(self, q, k, v, causal=False):
-        from methods.kernels.flash_fwd import flash_attention_forward
-
-        return flash_attention_forward(q, k, v, causal=causal)

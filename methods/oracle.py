@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.nn.attention.flex_attention import and_masks
 
 from methods.base import default_scale
 
@@ -28,18 +29,12 @@ def causal_mask_mod(n_queries: int, n_keys: int) -> MaskMod:
     return mask_mod
 
 
-def and_masks(*mods: MaskMod | None) -> MaskMod | None:
-    mods = tuple(m for m in mods if m is not None)
-    if not mods:
-        return None
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        out = mods[0](b, h, q_idx, kv_idx)
-        for m in mods[1:]:
-            out = out & m(b, h, q_idx, kv_idx)
-        return out
-
-    return mask_mod
+def with_causal(mask_mod: MaskMod | None, n_queries: int, n_keys: int, causal: bool) -> MaskMod | None:
+    """`mask_mod` AND bottom-right causal when `causal` (what FlexAttention must be given); None: no mask at all."""
+    if not causal:
+        return mask_mod
+    causal_mod = causal_mask_mod(n_queries, n_keys)
+    return causal_mod if mask_mod is None else and_masks(causal_mod, mask_mod)
 
 
 def oracle_attention(
@@ -57,7 +52,7 @@ def oracle_attention(
     n_k = k.shape[-2]
     scale = default_scale(q.shape[-1]) if scale is None else scale
     q, k, v = (t.to(dtype) for t in (q, k, v))
-    mask_mod = and_masks(causal_mask_mod(n_q, n_k) if causal else None, mask_mod)
+    mask_mod = with_causal(mask_mod, n_q, n_k, causal)
     b_idx = torch.arange(batch, device=q.device).view(-1, 1, 1, 1)
     h_idx = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
     kv_idx = torch.arange(n_k, device=q.device).view(1, 1, 1, -1)
@@ -79,7 +74,7 @@ def oracle_attention(
 
 def fidelity(out: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
     """(max abs error, relative Frobenius error) of `out` against a higher-precision `reference`."""
-    diff = out.to(reference.dtype) - reference
+    diff = out.detach().to(reference.dtype) - reference.detach()
     max_abs = float(diff.abs().max()) if diff.numel() else 0.0
     denom = float(torch.linalg.vector_norm(reference))
     rel = float(torch.linalg.vector_norm(diff)) / denom if denom > 0 else float(torch.linalg.vector_norm(diff))

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
-from methods.base import Attention, Capabilities, Unsupported, default_scale
+from methods.base import Attention, Capabilities, default_scale
+from methods.flex import flex_forward
 from methods.oracle import oracle_attention
 from methods.registry import all_guards, cuda_guard, method, package_guard, register, triton_guard
 
-method(
-    "softmax",
-    family="exact",
-    description="exact scaled dot-product attention",
-    source="Vaswani et al. 2017; FlashAttention-2 (Dao 2023) for the kernel",
-)
+method("softmax", family="exact",
+       description="exact scaled dot-product attention",
+       source="Vaswani et al. 2017; FlashAttention-2 (Dao 2023) for the kernel")  # fmt: skip
 
 FULL = Capabilities(decode=True)
 
@@ -55,12 +53,12 @@ def _sdpa(q, k, v, causal: bool) -> torch.Tensor:
         # Rows that see no key: SDPA's lower-right bias warns but returns zeros, as we define them.
         mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(diagonal=n_k - n_q)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).nan_to_num(0.0)
-    from torch.nn.attention.bias import causal_lower_right
-
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_q, n_k))
 
 
-@register("softmax", "sdpa", "peer", FULL, description="torch.nn.functional.scaled_dot_product_attention, default dispatch")
+@register(
+    "softmax", "sdpa", "peer", FULL, description="torch.nn.functional.scaled_dot_product_attention, default dispatch"
+)
 class SoftmaxSDPA(Attention):
     def forward(self, q, k, v, causal=False):
         return _sdpa(q, k, v, causal)
@@ -69,34 +67,8 @@ class SoftmaxSDPA(Attention):
 @register("softmax", "sdpa_math", "peer", FULL, description="SDPA forced to its math (unfused) backend")
 class SoftmaxSDPAMath(Attention):
     def forward(self, q, k, v, causal=False):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         with sdpa_kernel(SDPBackend.MATH):
             return _sdpa(q, k, v, causal)
-
-
-@functools.cache
-def _compiled_flex():
-    import torch._dynamo.config as dynamo_config
-    from torch.nn.attention.flex_attention import flex_attention
-
-    # A sweep compiles one graph per shape and mask; past dynamo's default limit (8) it would
-    # silently fall back to eager FlexAttention and time something users never run.
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
-    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
-    return torch.compile(flex_attention, dynamic=False)
-
-
-@functools.lru_cache(maxsize=64)
-def _flex_causal_block_mask(n_q: int, n_k: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    offset = n_k - n_q
-
-    def causal(b, h, q_idx, kv_idx):
-        return q_idx + offset >= kv_idx
-
-    return create_block_mask(causal, None, None, n_q, n_k, device=device)
 
 
 @register(
@@ -104,15 +76,11 @@ def _flex_causal_block_mask(n_q: int, n_k: int, device: str):
     "flex",
     "peer",
     Capabilities(decode=False, note="FlexAttention is compiled per shape; decode is not wired"),
-    guard=package_guard("torch.nn.attention.flex_attention", "torch>=2.5"),
     description="FlexAttention (torch.compile'd), causal via a BlockMask",
 )
 class SoftmaxFlex(Attention):
     def forward(self, q, k, v, causal=False):
-        if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            raise Unsupported("FlexAttention has no backward on CPU (torch raises NotImplementedError)")
-        block_mask = _flex_causal_block_mask(q.shape[-2], k.shape[-2], str(q.device)) if causal else None
-        return _compiled_flex()(q, k, v, block_mask=block_mask)
+        return flex_forward(q, k, v, causal, ("softmax",), None)
 
 
 @register(
@@ -128,6 +96,10 @@ class SoftmaxFlashAttn(Attention):
         from flash_attn import flash_attn_func
 
         out = flash_attn_func(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, softmax_scale=default_scale(q.shape[-1])
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            causal=causal,
+            softmax_scale=default_scale(q.shape[-1]),
         )
         return out.transpose(1, 2)

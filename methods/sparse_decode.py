@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from methods.base import KVCache
 from methods.sparse_reference import attend
 
 
@@ -60,7 +61,7 @@ def attend_contiguous(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 @dataclass
-class WindowCache:
+class WindowCache(KVCache):
     """The first `sinks` tokens and a ring buffer of the last `window` tokens: O(sinks + window) state.
 
     Slots `[0, sinks)` hold tokens `0 .. sinks-1`; token `p >= sinks` lives in
@@ -70,17 +71,21 @@ class WindowCache:
     sinks already). Order does not matter to softmax attention.
     """
 
-    k_buf: torch.Tensor
-    v_buf: torch.Tensor
+    # KVCache's `length` counts the tokens seen (the next token has position `length`); slots past
+    # `n_valid` hold nothing yet.
     sinks: int
     window: int
-    length: int  # tokens seen; the next token has position `length`
 
     @classmethod
-    def from_context(cls, k: torch.Tensor, v: torch.Tensor, sinks: int, window: int) -> WindowCache:
-        """Keep the sinks and the `window - 1` most recent tokens (what the next step needs)."""
+    def from_context(cls, k: torch.Tensor, v: torch.Tensor, sinks: int, window: int, extra: int = 1) -> WindowCache:
+        """Keep the sinks and the `window - 1` most recent tokens (what the next step needs).
+
+        The ring holds `sinks + window` slots once the context fills it; before that, only the
+        context and room for `extra` more tokens (slot = position until the ring is full), so the
+        state is never larger than `state_bytes` says.
+        """
         batch, heads, n, _ = k.shape
-        cap = sinks + window
+        cap = min(sinks + window, n + extra)
         k_buf = k.new_zeros(batch, heads, cap, k.shape[-1])
         v_buf = v.new_zeros(batch, heads, cap, v.shape[-1])
         s = min(n, sinks)
@@ -88,26 +93,20 @@ class WindowCache:
         pos = torch.arange(max(sinks, n - (window - 1)), n, device=k.device)
         slots = sinks + (pos - sinks) % window
         k_buf[:, :, slots], v_buf[:, :, slots] = k[:, :, pos], v[:, :, pos]
-        return cls(k_buf, v_buf, sinks, window, n)
+        return cls(k_buf, v_buf, n, sinks, window)
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> WindowCache:
         pos = self.length
         slot = pos if pos < self.sinks else self.sinks + (pos - self.sinks) % self.window
+        if slot >= self.k_buf.shape[-2]:
+            raise ValueError(f"window cache full: token {pos} exceeds the capacity it was built with (pass extra=)")
         self.k_buf[:, :, slot] = k_new[:, :, 0]
         self.v_buf[:, :, slot] = v_new[:, :, 0]
-        return WindowCache(self.k_buf, self.v_buf, self.sinks, self.window, pos + 1)
+        return WindowCache(self.k_buf, self.v_buf, pos + 1, self.sinks, self.window)
 
     @property
     def n_valid(self) -> int:
         return min(self.length, self.sinks + self.window)
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self.k_buf[:, :, : self.n_valid]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.v_buf[:, :, : self.n_valid]
 
 
 @dataclass

@@ -18,13 +18,13 @@ not counted.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
-from methods.base import Attention, Capabilities, Unsupported
-from methods.masks import MaskMod, window_extent, with_causal
-from methods.registry import method, package_guard, register, triton_guard
-from methods.sparse_decode import StridedCache, WindowCache, attend_contiguous, attend_positions
-from methods.sparse_layout import (
+from methods.base import Attention, Capabilities, NoDecode, kv_bytes
+from methods.flex import flex_forward
+from methods.kernels.layout import (
     LayoutCache,
     TileGrid,
     TokenTerms,
@@ -34,34 +34,23 @@ from methods.sparse_layout import (
     mask_to_lists,
     term_tables,
 )
+from methods.masks import MaskMod, terms_mask_mod, window_extent
+from methods.registry import Impl, Param, method, register_impls, triton_guard
+from methods.sparse_decode import StridedCache, WindowCache, attend_contiguous, attend_positions
 from methods.sparse_reference import gathered_attention
 
 REFERENCE = Capabilities(decode=True)
 KERNEL = Capabilities(decode=True, backward=False, note="the block-sparse Triton kernel is forward-only")
 FLEX = Capabilities(decode=False, note="FlexAttention is compiled per shape and mask; decode is not wired")
-FLEX_GUARD = package_guard("torch.nn.attention.flex_attention", "torch>=2.5")
-
-# --- FlexAttention peers -----------------------------------------------------------------
-
-_FLEX_MASKS: dict[tuple, object] = {}
 
 
-def flex_forward(q, k, v, causal: bool, cache_key: tuple, mask_mod: MaskMod) -> torch.Tensor:
-    """FlexAttention (compiled) with a BlockMask of `mask_mod` AND causal, cached per pattern and shape."""
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise Unsupported("FlexAttention has no backward on CPU (torch raises NotImplementedError)")
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    from methods.softmax import _compiled_flex
-
-    n_q, n_k = q.shape[-2], k.shape[-2]
-    key = (*cache_key, n_q, n_k, causal, str(q.device))
-    if key not in _FLEX_MASKS:
-        if len(_FLEX_MASKS) >= 64:
-            _FLEX_MASKS.clear()
-        full = with_causal(mask_mod, n_q, n_k, causal)
-        _FLEX_MASKS[key] = create_block_mask(full, None, None, n_q, n_k, device=str(q.device))
-    return _compiled_flex()(q, k, v, block_mask=_FLEX_MASKS[key])
+def pattern_impls(reference: str, kernel: str, flex: str) -> tuple[Impl, Impl, Impl]:
+    """The three implementations every fixed pattern has, with what each does for this pattern."""
+    return (
+        Impl("reference", "reference", REFERENCE, description=reference),
+        Impl("kernel", "kernel", KERNEL, guard=triton_guard, description=kernel),
+        Impl("flex", "peer", FLEX, description=flex, mixins=(NoDecode,)),
+    )
 
 
 # --- the shared machinery of fixed patterns ------------------------------------------------
@@ -71,23 +60,25 @@ class FixedPattern(Attention):
     """A data-independent pattern run three ways, chosen by the impl's kind: `_reference` (PyTorch),
     `_kernel` (the block-sparse Triton kernel) and `_flex` (the FlexAttention peer).
 
-    The block lists depend on the shape only, so `_layouts()` keeps them per
+    The block lists depend on the shape only, so `self.layouts` keeps them per
     shape and device, built on first use, outside the timed calls that follow.
     """
 
-    def _layouts(self) -> LayoutCache:
-        if "_layout_cache" not in self.__dict__:
-            self._layout_cache = LayoutCache()
-        return self._layout_cache
+    def __init__(self) -> None:
+        super().__init__()
+        self.layouts = LayoutCache()
 
-    def _reference(self, q, k, v, causal):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _reference(self, q, k, v, causal: bool) -> torch.Tensor:
+        """The PyTorch reference: O(N x keys per query), differentiable."""
 
-    def _kernel(self, q, k, v, causal):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _kernel(self, q, k, v, causal: bool) -> torch.Tensor:
+        """The block-sparse Triton kernel on this pattern's block lists."""
 
-    def _flex(self, q, k, v, causal):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _flex(self, q, k, v, causal: bool) -> torch.Tensor:
+        """FlexAttention with this pattern's mask_mod."""
 
     def forward(self, q, k, v, causal=False):
         if self.kind == "kernel":
@@ -107,8 +98,9 @@ class TokenPattern(FixedPattern):
 
     ref_block: int = 64
 
+    @abc.abstractmethod
     def terms(self, causal: bool) -> TokenTerms:
-        raise NotImplementedError
+        """The pattern as token terms: the kernel's element mask and, through `terms_mask_mod`, the mask_mod."""
 
     def gathered_terms(self, causal: bool) -> TokenTerms:
         return self.terms(causal)
@@ -116,12 +108,13 @@ class TokenPattern(FixedPattern):
     def shared_keys(self, n_k: int, device) -> torch.Tensor | None:
         return None
 
+    @abc.abstractmethod
     def row_pairs(self, pos: torch.Tensor, n_k: int, causal: bool) -> torch.Tensor:
         """Keys visible to the query at each position in `pos` (int64 tensor), closed form."""
-        raise NotImplementedError
 
-    def params(self) -> tuple:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def pattern_key(self) -> tuple:
+        """The parameters that decide the pattern: the flex BlockMask cache key."""
 
     def computed_pairs(self, n_queries: int, n_keys: int, causal: bool) -> int:
         pos = torch.arange(n_queries, dtype=torch.long) + (n_keys - n_queries)
@@ -129,7 +122,7 @@ class TokenPattern(FixedPattern):
 
     def mask_mod(self, n_q: int, n_k: int, causal: bool) -> MaskMod:
         """The pattern for this shape, without causality (AND it in with `masks.with_causal`)."""
-        return self.terms(causal).mask_mod(n_k - n_q)
+        return terms_mask_mod(self.terms(causal), n_k - n_q)
 
     # --- the three ways to run it ---
     def _reference_blocks(self, n_q: int, n_k: int, causal: bool, device) -> torch.Tensor:
@@ -143,7 +136,7 @@ class TokenPattern(FixedPattern):
     def _reference(self, q, k, v, causal):
         n_q, n_k = q.shape[-2], k.shape[-2]
         key = ("reference", n_q, n_k, causal, str(q.device))
-        blocks = self._layouts().get(key, lambda: self._reference_blocks(n_q, n_k, causal, q.device))
+        blocks = self.layouts.get(key, lambda: self._reference_blocks(n_q, n_k, causal, q.device))
         return gathered_attention(
             q, k, v, block=self.ref_block, kv_blocks=blocks, causal=causal,
             mask_mod=self.mask_mod(n_q, n_k, causal), shared_keys=self.shared_keys(n_k, q.device),
@@ -157,12 +150,12 @@ class TokenPattern(FixedPattern):
         terms = self.terms(causal)
         key = ("kernel", n_q, n_k, tiles, causal, str(q.device))
         grid = TileGrid.bottom_right(n_q, n_k, *tiles)
-        layout = self._layouts().get(key, lambda: build_layout(grid, causal, terms, device=q.device))
+        layout = self.layouts.get(key, lambda: build_layout(grid, causal, terms, device=q.device))
         return block_sparse_attention(q, k, v, layout, causal=causal, terms=terms)
 
     def _flex(self, q, k, v, causal):
         n_q, n_k = q.shape[-2], k.shape[-2]
-        return flex_forward(q, k, v, causal, (self.method, *self.params()), self.mask_mod(n_q, n_k, causal))
+        return flex_forward(q, k, v, causal, (self.method, *self.pattern_key()), self.mask_mod(n_q, n_k, causal))
 
 
 def _visible_hi(pos: torch.Tensor, n_k: int, causal: bool) -> torch.Tensor:
@@ -173,17 +166,19 @@ def _visible_hi(pos: torch.Tensor, n_k: int, causal: bool) -> torch.Tensor:
 
 # --- sliding_window and sink_window: one window cache --------------------------------------
 
+WINDOW = Param(
+    "window", int, 256, "causal: the query and the W - 1 keys before it; non-causal: W // 2 each side", min=1
+)
+
 
 class WindowPattern(TokenPattern):
     """`window` keys around the query (see `masks.window_extent`) plus the first `sinks` keys."""
 
-    def __init__(self, window: int = 256, sinks: int = 0):
+    def __init__(self, window: int, sinks: int):
         super().__init__()
-        if window < 1 or sinks < 0:
-            raise ValueError(f"window must be >= 1 and sinks >= 0, got window={window}, sinks={sinks}")
-        self.window, self.sinks = int(window), int(sinks)
+        self.window, self.sinks = window, sinks
 
-    def params(self) -> tuple:
+    def pattern_key(self) -> tuple:
         return (self.window, self.sinks)
 
     def terms(self, causal: bool) -> TokenTerms:
@@ -205,107 +200,80 @@ class WindowPattern(TokenPattern):
 
     # Decode: the sinks and the last `window` tokens, nothing else.
     def prefill(self, k, v, extra: int = 1):
-        return WindowCache.from_context(k, v, self.sinks, self.window)
+        return WindowCache.from_context(k, v, self.sinks, self.window, extra=extra)
 
     def decode_step(self, q, k_new, v_new, state):
         cache = state.append(k_new, v_new)
         return attend_contiguous(q, cache.keys, cache.values, self.kind == "kernel"), cache
 
     def state_bytes(self, batch, heads, context, head_dim, dtype):
-        kept = min(context, self.sinks + self.window)
-        return 2 * batch * heads * kept * head_dim * torch.empty((), dtype=dtype).element_size()
+        return kv_bytes(batch, heads, min(context, self.sinks + self.window), head_dim, dtype)
 
 
-method(
-    "sliding_window",
-    family="sparse",
-    description="each query sees the previous W keys (causal) or W/2 on each side (non-causal)",
-    source="Longformer local attention (Beltagy et al. 2020); Mistral 7B sliding-window attention; neighborhood attention",
-    exact=False,
-)
+SLIDING_WINDOW_PARAMS = (WINDOW,)
+
+method("sliding_window", family="sparse", exact=False, params=SLIDING_WINDOW_PARAMS,
+       description="each query sees the previous W keys (causal) or W/2 on each side (non-causal)",
+       source="Longformer local attention (Beltagy et al. 2020); Mistral 7B sliding-window attention; neighborhood attention")  # fmt: skip
 
 
 class SlidingWindow(WindowPattern):
-    def __init__(self, window: int = 256):
+    def __init__(self, window: int):
         super().__init__(window=window, sinks=0)
 
 
-@register(
-    "sliding_window", "reference", "reference", REFERENCE, description="per-tile gather of the window's key blocks"
-)
-class SlidingWindowReference(SlidingWindow):
-    pass
-
-
-@register(
+register_impls(
     "sliding_window",
-    "kernel",
-    "kernel",
-    KERNEL,
-    guard=triton_guard,
-    description="block-sparse Triton kernel, band mask",
+    SlidingWindow,
+    *pattern_impls(
+        reference="per-tile gather of the window's key blocks",
+        kernel="block-sparse Triton kernel, band mask",
+        flex="FlexAttention, BlockMask from the band mask_mod",
+    ),
 )
-class SlidingWindowKernel(SlidingWindow):
-    pass
 
-
-@register(
-    "sliding_window",
-    "flex",
-    "peer",
-    FLEX,
-    guard=FLEX_GUARD,
-    description="FlexAttention, BlockMask from the band mask_mod",
+SINK_WINDOW_PARAMS = (
+    Param("sinks", int, 4, "leading tokens every query sees (StreamingLLM's 4 attention sinks)", min=0),
+    WINDOW,
 )
-class SlidingWindowFlex(SlidingWindow):
-    pass
 
-
-method(
-    "sink_window",
-    family="sparse",
-    description="the first S 'sink' tokens plus a window of recent tokens",
-    source="StreamingLLM (Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks)",
-    exact=False,
-)
+method("sink_window", family="sparse", exact=False, params=SINK_WINDOW_PARAMS,
+       description="the first S 'sink' tokens plus a window of recent tokens",
+       source="StreamingLLM (Xiao et al. 2023, Efficient Streaming Language Models with Attention Sinks)")  # fmt: skip
 
 
 class SinkWindow(WindowPattern):
-    def __init__(self, sinks: int = 4, window: int = 256):
+    def __init__(self, sinks: int, window: int):
         super().__init__(window=window, sinks=sinks)
 
 
-@register("sink_window", "reference", "reference", REFERENCE, description="window gather plus the sinks as shared keys")
-class SinkWindowReference(SinkWindow):
-    pass
-
-
-@register(
+register_impls(
     "sink_window",
-    "kernel",
-    "kernel",
-    KERNEL,
-    guard=triton_guard,
-    description="block-sparse Triton kernel, band | sinks",
+    SinkWindow,
+    *pattern_impls(
+        reference="window gather plus the sinks as shared keys",
+        kernel="block-sparse Triton kernel, band | sinks",
+        flex="FlexAttention, BlockMask of band | sinks",
+    ),
 )
-class SinkWindowKernel(SinkWindow):
-    pass
-
-
-@register("sink_window", "flex", "peer", FLEX, guard=FLEX_GUARD, description="FlexAttention, BlockMask of band | sinks")
-class SinkWindowFlex(SinkWindow):
-    pass
 
 
 # --- strided: Sparse Transformer's fixed pattern --------------------------------------------
 
-method(
-    "strided",
-    family="sparse",
-    description="Sparse Transformer 'fixed' pattern: the query's own block of `stride` keys + the last `summary` keys of every block",
-    source="Child et al. 2019, Generating Long Sequences with Sparse Transformers (fixed attention pattern)",
-    exact=False,
+STRIDED_PARAMS = (
+    Param("stride", int, 128, "l: the block of keys a query sees whole (the paper's 128 for text)", min=1),
+    Param("summary", int, 16, "c: summary columns at the end of every block, at most `stride`", min=0),
 )
+
+
+def _summary_fits(p: dict) -> str | None:
+    """Summary columns are the last `summary` keys of a block of `stride`: there cannot be more than `stride`."""
+    return None if p["summary"] <= p["stride"] else f"parameter summary must be <= stride, got {p['summary']}"
+
+
+method("strided", family="sparse", exact=False, params=STRIDED_PARAMS, check=_summary_fits,
+       description="Sparse Transformer 'fixed' pattern: the query's own block of `stride` keys + the last `summary` keys of every block",
+       source="Child et al. 2019, Generating Long Sequences with Sparse Transformers (fixed attention pattern)")  # fmt: skip
 
 
 class Strided(TokenPattern):
@@ -316,14 +284,12 @@ class Strided(TokenPattern):
     the blocks they sit in (O(N^2 / 2) at l = 2 blocks).
     """
 
-    def __init__(self, stride: int = 128, summary: int = 16):
+    def __init__(self, stride: int, summary: int):
         super().__init__()
-        if stride < 1 or not 0 <= summary <= stride:
-            raise ValueError(f"need stride >= 1 and 0 <= summary <= stride, got stride={stride}, summary={summary}")
-        self.stride, self.summary = int(stride), int(summary)
+        self.stride, self.summary = stride, summary
         self.ref_block = self.stride  # one reference tile = one local block
 
-    def params(self) -> tuple:
+    def pattern_key(self) -> tuple:
         return (self.stride, self.summary)
 
     def terms(self, causal: bool) -> TokenTerms:
@@ -361,24 +327,17 @@ class Strided(TokenPattern):
         return attend_positions(q, cache.k_buf, cache.v_buf, slots, self.kind == "kernel"), cache
 
     def state_bytes(self, batch, heads, context, head_dim, dtype):
-        kept = (context // self.stride) * self.summary + context % self.stride
-        return 2 * batch * heads * kept * head_dim * torch.empty((), dtype=dtype).element_size()
+        """The summary columns of the finished blocks plus the current block's buffer, allocated whole
+        (`stride` slots) as the cache does: what the decoder holds, not only the tokens it has written."""
+        return kv_bytes(batch, heads, (context // self.stride) * self.summary + self.stride, head_dim, dtype)
 
 
-@register(
-    "strided", "reference", "reference", REFERENCE, description="local block gather plus summary columns as shared keys"
+register_impls(
+    "strided",
+    Strided,
+    *pattern_impls(
+        reference="local block gather plus summary columns as shared keys",
+        kernel="block-sparse Triton kernel, local | columns",
+        flex="FlexAttention, BlockMask of local | columns",
+    ),
 )
-class StridedReference(Strided):
-    pass
-
-
-@register(
-    "strided", "kernel", "kernel", KERNEL, guard=triton_guard, description="block-sparse Triton kernel, local | columns"
-)
-class StridedKernel(Strided):
-    pass
-
-
-@register("strided", "flex", "peer", FLEX, guard=FLEX_GUARD, description="FlexAttention, BlockMask of local | columns")
-class StridedFlex(Strided):
-    pass

@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from methods.base import default_scale
+from methods.base import compute_dtype, default_scale
+from methods.kernels.layout import TileGrid
 from methods.masks import MaskMod
-from methods.sparse_layout import TileGrid
 
-__all__ = ["attend", "gathered_attention", "merge_partials", "compute_dtype"]
+__all__ = ["attend", "gathered_attention", "merge_partials"]
 
 # Bound on one chunk's score tensor; tiles are processed in chunks that fit it.
 CHUNK_BYTES = 256 * 2**20
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _softmax_parts(scores: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -23,25 +23,33 @@ import math
 import torch
 
 from methods.base import Attention, Capabilities, KVCache, computed_pairs_dense, default_scale
+from methods.kernels.layout import TileGrid, build_layout, expand_block_table, interval_count, pairs_in_blocks
 from methods.masks import MaskMod, block_table
-from methods.registry import method, register, triton_guard
+from methods.registry import Impl, Param, method, register_impls, require_dot_tile, triton_guard
 from methods.sparse_decode import attend_positions
-from methods.sparse_layout import TileGrid, build_layout, expand_block_table, interval_count, pairs_in_blocks
 from methods.sparse_reference import gathered_attention
 
 REFERENCE = Capabilities(decode=True)
 KERNEL = Capabilities(decode=True, backward=False, note="the Triton kernels are forward-only")
 
 
+def selection_impls(reference: str, kernel: str) -> tuple[Impl, Impl]:
+    return (
+        Impl("reference", "reference", REFERENCE, description=reference),
+        Impl("kernel", "kernel", KERNEL, guard=triton_guard, description=kernel),
+    )
+
+
 # --- block_topk -------------------------------------------------------------------------------
 
-method(
-    "block_topk",
-    family="sparse",
-    description="per query block, the top-k key blocks by pooled (mean) query-key score, plus the diagonal block",
-    source="Quest (Tang et al. 2024); MInference (Jiang et al. 2024); SeerAttention (Gao et al. 2024): estimated block masks",
-    exact=False,
+BLOCK_TOPK_PARAMS = (
+    Param("block", int, 64, "query and key block size (the kernel needs a power of two >= 16)", min=1),
+    Param("top_blocks", int, 8, "key blocks kept per query block besides the diagonal one", min=0),
 )
+
+method("block_topk", family="sparse", exact=False, params=BLOCK_TOPK_PARAMS,
+       description="per query block, the top-k key blocks by pooled (mean) query-key score, plus the diagonal block",
+       source="Quest (Tang et al. 2024); MInference (Jiang et al. 2024); SeerAttention (Gao et al. 2024): estimated block masks")  # fmt: skip
 
 
 def _block_means(x: torch.Tensor, n_blocks: int, block: int, front: int = 0) -> torch.Tensor:
@@ -65,11 +73,9 @@ class BlockTopk(Attention):
     MInference's prefill); decoding (one query) has no such coupling.
     """
 
-    def __init__(self, block: int = 64, top_blocks: int = 8):
+    def __init__(self, block: int, top_blocks: int):
         super().__init__()
-        if block < 1 or top_blocks < 0:
-            raise ValueError(f"need block >= 1 and top_blocks >= 0, got block={block}, top_blocks={top_blocks}")
-        self.block, self.top_blocks = int(block), int(top_blocks)
+        self.block, self.top_blocks = block, top_blocks
 
     @torch.no_grad()
     def select(self, q: torch.Tensor, k: torch.Tensor, causal: bool) -> tuple[TileGrid, torch.Tensor]:
@@ -132,6 +138,7 @@ class BlockTopk(Attention):
             return gathered_attention(q, k, v, block=self.block, kv_blocks=blocks, causal=causal)
         from methods.kernels.block_sparse import block_sparse_attention, kernel_tiles
 
+        require_dot_tile("block", self.block)
         n_q, n_k = q.shape[-2], k.shape[-2]
         kgrid = TileGrid.bottom_right(n_q, n_k, *kernel_tiles(n_q, n_k, q.shape[-1], pattern_block=self.block))
         table = self._as_table(grid, blocks)
@@ -142,7 +149,8 @@ class BlockTopk(Attention):
     def prefill(self, k, v, extra: int = 1):
         n = k.shape[-2]
         n_full = n // self.block
-        sums = k.new_zeros(*k.shape[:2], (n + extra) // self.block + 1, k.shape[-1], dtype=torch.float32)
+        # One row per key block finished by the last token this state can take (n + extra).
+        sums = k.new_zeros(*k.shape[:2], (n + extra) // self.block, k.shape[-1], dtype=torch.float32)
         sums[:, :, :n_full] = k[:, :, : n_full * self.block].float().view(*k.shape[:2], n_full, self.block, -1).sum(3)
         return KVCache.from_context(k, v, extra=extra), sums
 
@@ -166,48 +174,31 @@ class BlockTopk(Attention):
         return super().state_bytes(batch, heads, context, head_dim, dtype) + block_sums
 
 
-@register(
+register_impls(
     "block_topk",
-    "reference",
-    "reference",
-    REFERENCE,
-    description="pooled selection, then per-tile gather of the chosen blocks",
+    BlockTopk,
+    *selection_impls(
+        reference="pooled selection, then per-tile gather of the chosen blocks",
+        kernel="pooled selection, then the block-sparse kernel",
+    ),
 )
-class BlockTopkReference(BlockTopk):
-    pass
-
-
-@register(
-    "block_topk",
-    "kernel",
-    "kernel",
-    KERNEL,
-    guard=triton_guard,
-    description="pooled selection, then the block-sparse kernel",
-)
-class BlockTopkKernel(BlockTopk):
-    pass
 
 
 # --- topk -----------------------------------------------------------------------------------
 
-method(
-    "topk",
-    family="sparse",
-    description="per query, softmax over its exact top-k keys (the ceiling of top-k key selection)",
-    source="top-k attention (Gupta et al. 2021); SEA (Lee et al. 2023), Loki (Singhania et al. 2024), TokenSelect (2024)",
-    exact=False,
-)
+TOPK_PARAMS = (Param("top_k", int, 256, "keys per query (the same budget as the 256-token windows)", min=1),)
+
+method("topk", family="sparse", exact=False, params=TOPK_PARAMS,
+       description="per query, softmax over its exact top-k keys (the ceiling of top-k key selection)",
+       source="top-k attention (Gupta et al. 2021); SEA (Lee et al. 2023), Loki (Singhania et al. 2024), TokenSelect (2024)")  # fmt: skip
 
 SCORE_CHUNK_BYTES = 128 * 2**20  # bound on one chunk of the full score rows used for selection
 
 
 class Topk(Attention):
-    def __init__(self, top_k: int = 256):
+    def __init__(self, top_k: int):
         super().__init__()
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        self.top_k = int(top_k)
+        self.top_k = top_k
 
     def _scored_chunks(self, q, k, causal):
         """Yield (row slice, top-k scores, top-k indices) per chunk of query rows; masked slots score -inf."""
@@ -264,13 +255,11 @@ class Topk(Attention):
         return torch.cat(outs, dim=2).to(q.dtype)
 
 
-@register(
-    "topk", "reference", "reference", REFERENCE, description="chunked full scores, top-k per row, softmax over the k"
+register_impls(
+    "topk",
+    Topk,
+    *selection_impls(
+        reference="chunked full scores, top-k per row, softmax over the k",
+        kernel="top-k selection, then the gather kernel",
+    ),
 )
-class TopkReference(Topk):
-    pass
-
-
-@register("topk", "kernel", "kernel", KERNEL, guard=triton_guard, description="top-k selection, then the gather kernel")
-class TopkKernel(Topk):
-    pass

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.results import read_file, result_files, write_row  # noqa: E402
+from bench.results import read_row, result_files, write_row  # noqa: E402
 
 
 def pairs(values: list[str]) -> dict[str, float]:
@@ -40,11 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copytree(args.src, args.dst, ignore=shutil.ignore_patterns("report"))
     changed = 0
     for file in result_files(args.dst):
-        row = read_file(file).iloc[0].to_dict()
+        row = read_row(file)
         method = row["method"]
         if row["status"] != "ok" or method not in {*slow, *fid, *acc, *args.fail}:
             continue
-        row = {k: (v.tolist() if hasattr(v, "tolist") and not isinstance(v, str) else v) for k, v in row.items()}
         if method in slow:
             f = slow[method]
             for col in ("latency_ms", "latency_ms_p10", "latency_ms_p90"):

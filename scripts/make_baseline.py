@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.compare import key_columns, load_side, with_keys  # noqa: E402
+from bench.compare import load_side, with_keys  # noqa: E402
+from bench.declarations import key_columns  # noqa: E402
 from bench.results import cell_path  # noqa: E402
 
 

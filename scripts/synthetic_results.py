@@ -3,7 +3,8 @@
 The rows look like a large GPU campaign: 20 methods x 3 impls, 9 context
 lengths, 4 patterns x 4 modes, 3 dtypes, several head dims, a sprinkle of
 failed and interpreted rows, and needle rows, with latency following a power
-law so plots, slopes and efficiency lengths have real curves.
+law so plots, slopes and efficiency lengths have real curves. Every row names
+its key columns and declares its task's metrics, as the runner writes them.
 
     python scripts/synthetic_results.py /tmp/synth10k --rows 10000
 """
@@ -20,6 +21,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.results import CORE_COLUMNS, write_row  # noqa: E402
+from bench.sweep import metric_declarations  # noqa: E402
+from tasks import get_task  # noqa: E402
+from tasks.base import SHAPE_KEYS  # noqa: E402
 
 METHODS = [f"method{i:02d}" for i in range(19)] + ["softmax"]
 IMPLS = ["reference", "triton", "sdpa"]
@@ -30,6 +34,16 @@ DTYPES = ["float16", "bfloat16", "float32"]
 HEAD_DIMS = [64, 128]
 NEEDLE_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 NEEDLE_LENGTHS = [4096, 16384]
+
+
+METRICS: dict[str, str] = {}  # task -> its metric declarations (JSON), made once
+
+
+def declarations(task: str, row: dict) -> dict:
+    """The row's `keys` and `metrics`, as the runner writes them: rows describe themselves."""
+    spec = get_task(task)
+    keys = [*SHAPE_KEYS, *(k for k in spec.keys if row.get(k) is not None), "method_params"]
+    return {"keys": keys, "metrics": METRICS.setdefault(task, metric_declarations(spec))}
 
 
 def rows(n: int, seed: int = 0):
@@ -53,6 +67,7 @@ def rows(n: int, seed: int = 0):
         lat = 1e-4 * kv**power / (1 + IMPLS.index(impl)) * (d / 64)
         samples = (lat * rng.lognormal(0, 0.05, 10)).tolist()
         status = "ok" if rng.random() > 0.05 else str(rng.choice(["oom", "unsupported", "error", "timeout"]))
+        accuracy = round(float(rng.uniform()) * 16) / 16
         row = dict.fromkeys(CORE_COLUMNS)
         row.update(
             run_id="synthetic", cell_id=f"c{i:06d}-{task}", method=method, impl=impl, family="x", task=task, suite="synthetic",
@@ -66,12 +81,14 @@ def rows(n: int, seed: int = 0):
             peak_mem_bytes=int(kv * d * 64 * (kv / 1024 if method == "softmax" and impl == "reference" else 1)),
             flops=int(4 * kv * kv * d), tflops=float(rng.uniform(10, 500)), pct_peak=float(rng.uniform(1, 70)),
             fidelity_max_abs=float(rng.uniform(1e-4, 1e-2)), fidelity_rel=float(rng.uniform(1e-4, 1e-2)),
-            accuracy=float(rng.uniform()) if task == "needle" else None,
+            accuracy=float(accuracy) if task == "needle" else None,
+            hits=int(accuracy * 16) if task == "needle" else None, trials=16 if task == "needle" else None,
             git_commit="0" * 40, git_dirty=False, torch_version="2.13.0", triton_version="3.7.1",
             python_version="3.11.9", seed=0, config_yaml="", timestamp="2026-01-01T00:00:00+00:00",
             interpreted=bool(impl == "triton" and i % 97 == 0), input_dist="gaussian", method_params="{}",
-            depth=depth, variant="single" if task == "needle" else None,
+            depth=depth, variant="single" if task == "needle" else None, beta=8.0 if task == "needle" else None,
         )  # fmt: skip
+        row.update(declarations(task, row))
         yield row
 
 
@@ -80,11 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--rows", type=int, default=10_000)
     args = parser.parse_args(argv)
-    n = 0
-    for row in rows(args.rows):
-        write_row(args.out, row)
-        n += 1
-    print(f"{n} rows written to {args.out}")
+    written = [write_row(args.out, row) for row in rows(args.rows)]
+    print(f"{len(written)} rows written to {args.out}")
     return 0
 
 

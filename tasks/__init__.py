@@ -1,18 +1,25 @@
-"""Tasks, registered by name: `from tasks import get_task; get_task('scaling')`."""
+"""Tasks, found by discovery: importing this package imports every module of `tasks/`, and a module
+registers its task with `@register_task`. `from tasks import get_task; get_task('scaling')`."""
 
-from methods.registry import unknown
-from tasks.base import Cell, RunContext, Task
-from tasks.mqar import MQARTask
-from tasks.needle import NeedleTask
-from tasks.scaling import ScalingTask
+import importlib
+import pkgutil
 
-TASKS: dict[str, Task] = {t.name: t for t in (ScalingTask(), NeedleTask(), MQARTask())}
+from tasks.base import AttentionFactory, Cell, Metric, RunContext, Section, SummaryColumn, Task
+from tasks.registry import TASKS, get_task, register_task, task_defaults
 
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+    importlib.import_module(f"{__name__}.{_module}")
 
-def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise unknown("task", name, TASKS)
-    return TASKS[name]
-
-
-__all__ = ["TASKS", "Cell", "RunContext", "Task", "get_task"]
+__all__ = [
+    "TASKS",
+    "AttentionFactory",
+    "Cell",
+    "Metric",
+    "RunContext",
+    "Section",
+    "SummaryColumn",
+    "Task",
+    "get_task",
+    "register_task",
+    "task_defaults",
+]

@@ -1,27 +1,44 @@
-"""A small causal language model whose token mixer is any registered attention method.
+"""One small sequence model whose token mixer is the cell's attention method, with a pluggable head.
 
-Trained tasks (MQAR, and later LRA and perplexity) need one model recipe so
-that a quality difference is the mixer's and nothing else's. Zoology's and
-Based's synthetic models are this shape: embedding (+ learned positions),
-n pre-norm blocks of [optional short conv] -> mixer -> [optional MLP], a final
-norm and a tied-free LM head. The mixer gets q, k, v of shape (batch, heads,
-seq, head_dim) from one linear projection and its output goes through an
-output projection, so a method only has to be an `Attention`.
+Trained tasks (MQAR now, LRA and perplexity next) share one model recipe so
+that a quality difference between two rows is the mixer's and nothing else's.
+Zoology's and Based's synthetic models and LRA's small encoders are all this
+shape: token embedding (+ learned positions), `n_layers` pre-norm blocks of
+[optional short conv] -> mixer -> [optional MLP], a final norm, and a head:
+
+- `head="lm"`: next-token logits at every position (`LMHead`). MQAR reads them
+  at its labelled positions only.
+- `head="classify"`: one label per sequence from pooled hidden states
+  (`PooledClassifierHead`): `pooling="mean"` over the tokens (ignoring `pad_id`
+  when one is set) or `pooling="cls"`, the first token's state (the task puts
+  a CLS token there), as LRA's encoders do.
+
+The mixer gets q, k, v of shape (batch, heads, seq, head_dim) from one linear
+projection and its output goes through an output projection, so a method only
+has to be an `Attention`. `causal` is passed to every mixer call: a language
+model is causal, LRA's encoders are bidirectional (`causal=False`).
+
+The model never builds a method itself: it takes the runner's factory
+(`make_attention()`, one call per layer), so the cell's method, implementation
+and parameters are exactly those the row names.
 """
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods import build, get_impl
-from methods.base import Attention, Unsupported
+from methods.base import Attention, Capabilities, Unsupported
+from tasks.base import AttentionFactory
 
 POSITIONS = ("learned", "none")
+HEADS = ("lm", "classify")
+POOLINGS = ("mean", "cls")
+IGNORE_INDEX = -100  # a label that is not a target (torch's cross-entropy default)
+TRAIN_DTYPE = "float32"  # trained tasks train in float32; the mixer must support it
 
 
 @dataclass
@@ -33,16 +50,33 @@ class ModelConfig:
     n_heads: int = 1
     mlp_ratio: int = 0  # 0: no MLP (Zoology's MQAR models); else hidden = mlp_ratio * d_model
     positions: str = "learned"  # learned | none
-    conv_kernel: int = 0  # 0: no short conv; 3-4: the depthwise causal conv of Zoology/Based hybrids
-    method: str = "softmax"
-    impl: str = "reference"
-    method_params: dict = field(default_factory=dict)
+    conv_kernel: int = 0  # 0: no short conv; 3-4: the depthwise conv of Zoology/Based hybrids
+    causal: bool = True  # False: a bidirectional encoder (LRA); the mixer and the short conv see both sides
+    head: str = "lm"  # lm | classify
+    n_classes: int = 0  # classify only
+    pooling: str = "mean"  # classify only: mean | cls
+    pad_id: int | None = None  # classify + mean only: tokens with this id are left out of the mean
 
     def __post_init__(self) -> None:
+        for key in ("vocab", "max_len", "d_model", "n_layers", "n_heads"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.mlp_ratio < 0 or self.conv_kernel < 0:
+            raise ValueError(f"mlp_ratio and conv_kernel must be >= 0, got {self.mlp_ratio}, {self.conv_kernel}")
         if self.positions not in POSITIONS:
             raise ValueError(f"unknown positions {self.positions!r}; choose from: {', '.join(POSITIONS)}")
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose from: {', '.join(HEADS)}")
+        if self.head == "classify":
+            if self.n_classes < 2:
+                raise ValueError(f"a classify head needs n_classes >= 2, got {self.n_classes}")
+            if self.pooling not in POOLINGS:
+                raise ValueError(f"unknown pooling {self.pooling!r}; choose from: {', '.join(POOLINGS)}")
+            if self.pooling == "cls" and self.causal:
+                # Under a causal mask the first token sees only itself: its state says nothing about the sequence.
+                raise ValueError("pooling='cls' needs causal=False (a causal first token sees only itself)")
 
     @property
     def head_dim(self) -> int:
@@ -52,61 +86,92 @@ class ModelConfig:
         return asdict(self)
 
 
-def build_mixer(cfg: ModelConfig) -> Attention:
-    """One layer's attention, checked for a backward pass (training needs gradients through it).
+def check_trainable(capabilities: Capabilities, label: str, causal: bool = True) -> None:
+    """Raise `Unsupported` when a method cannot be trained in this model (no backward, wrong pattern, no fp32).
 
-    Methods whose parameters are created lazily on the first call (Based's and
-    Performer's projections, DeltaNet's beta) get `head_dim` up front, so the
-    optimizer sees them.
+    Called by a task before it makes any data or model, from the registry's
+    capabilities, so an untrainable cell costs nothing; the model checks each
+    built instance again.
     """
-    spec = get_impl(cfg.method, cfg.impl)
-    if not spec.capabilities.backward:
-        note = f" ({spec.capabilities.note})" if spec.capabilities.note else ""
-        raise Unsupported(f"{cfg.method}/{cfg.impl} has no backward, so it cannot be trained{note}")
-    params = dict(cfg.method_params)
-    if "head_dim" in inspect.signature(spec.factory).parameters and params.get("head_dim") is None:
-        params["head_dim"] = cfg.head_dim
-    return build(cfg.method, impl=cfg.impl, **params)
+    try:
+        capabilities.check(causal=causal, cross=False, mode="fwd_bwd", dtype=TRAIN_DTYPE)
+    except Unsupported as err:
+        raise Unsupported(f"{label} cannot be trained: {err}") from None
+
+
+def _has_lazy_state(module: nn.Module) -> bool:
+    """Whether a parameter or buffer is registered but not created yet (it is made on the first call).
+
+    nn.Module keeps such a slot as None in `_parameters` / `_buffers`, and `named_parameters()` skips it,
+    so these private dicts are the only place it shows.
+    """
+    return any(
+        any(p is None for p in m._parameters.values()) or any(b is None for b in m._buffers.values())
+        for m in module.modules()
+    )
+
+
+def materialise(attn: Attention, n_heads: int, seq_len: int, head_dim: int, causal: bool) -> None:
+    """Run one untracked call so that parameters a method creates on its first call exist now.
+
+    Based's and DeltaNet's weights and Performer's projection are sized from the
+    first input when the factory was not told `head_dim`; the optimizer must see
+    them and a checkpoint must hold them, so they are created at build time.
+    Their initialisation is seeded by the method, and the probe input comes from
+    a private generator, so this changes no random stream.
+    """
+    if not _has_lazy_state(attn):
+        return
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n_heads, seq_len, head_dim, generator=gen) for _ in range(3))
+    with torch.no_grad():
+        attn(q, k, v, causal=causal)
 
 
 class ShortConv(nn.Module):
-    """Depthwise causal convolution over the sequence: each channel sees its last `kernel` tokens."""
+    """Depthwise convolution over the sequence (Zoology/Based hybrids put it before the mixer).
 
-    def __init__(self, d_model: int, kernel: int):
+    Causal: left padding only, so a token sees its last `kernel` tokens and never
+    the next one. Bidirectional (`causal=False`): centred ("same") padding, so a
+    token sees (kernel-1)//2 tokens before it and the rest after it; a
+    left-only conv inside a bidirectional encoder would be an arbitrary
+    asymmetry, and a centred odd kernel is exactly symmetric.
+    """
+
+    def __init__(self, d_model: int, kernel: int, causal: bool = True):
         super().__init__()
-        self.kernel = kernel
+        self.pad = (kernel - 1, 0) if causal else ((kernel - 1) // 2, kernel - 1 - (kernel - 1) // 2)
         self.conv = nn.Conv1d(d_model, d_model, kernel, groups=d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D)
-        x = F.pad(x.transpose(1, 2), (self.kernel - 1, 0))  # left pad only: no peeking ahead
-        return self.conv(x).transpose(1, 2)
+        return self.conv(F.pad(x.transpose(1, 2), self.pad)).transpose(1, 2)
 
 
 class MixerLayer(nn.Module):
-    """Linear q, k, v -> the method (causal) -> output projection."""
+    """Linear q, k, v -> the method -> output projection."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attn: Attention):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.n_heads, self.head_dim, self.causal = cfg.n_heads, cfg.head_dim, cfg.causal
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.attn = build_mixer(cfg)
+        self.attn = attn
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = self.attn(q, k, v, causal=True)  # (B, H, N, hd)
+        y = self.attn(q, k, v, causal=self.causal)  # (B, H, N, hd)
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
 
 
 class Block(nn.Module):
     """Pre-norm residual block: [short conv] -> mixer -> [MLP]."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attn: Attention):
         super().__init__()
-        self.conv = ShortConv(cfg.d_model, cfg.conv_kernel) if cfg.conv_kernel > 0 else None
+        self.conv = ShortConv(cfg.d_model, cfg.conv_kernel, cfg.causal) if cfg.conv_kernel > 0 else None
         self.norm1 = nn.LayerNorm(cfg.d_model)
-        self.mixer = MixerLayer(cfg)
+        self.mixer = MixerLayer(cfg, attn)
         self.mlp = None
         if cfg.mlp_ratio > 0:
             hidden = cfg.mlp_ratio * cfg.d_model
@@ -123,20 +188,77 @@ class Block(nn.Module):
         return x
 
 
-class TinyLM(nn.Module):
-    """Token (+ position) embedding, blocks, final norm, LM head."""
+class LMHead(nn.Module):
+    """Next-token logits over the vocabulary at every position; labels are per token (IGNORE_INDEX: none)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, d_model: int, vocab: int):
+        super().__init__()
+        self.proj = nn.Linear(d_model, vocab)
+
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden)  # (B, N, vocab)
+
+    def labelled(
+        self, hidden: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and targets at the labelled positions only: recall tasks label a few positions per
+        sequence, and running the projection there alone saves most of its cost at a large vocabulary."""
+        mask = labels != IGNORE_INDEX
+        return self.proj(hidden[mask]), labels[mask]
+
+
+class PooledClassifierHead(nn.Module):
+    """One label per sequence from its pooled hidden states (LRA's classifier); labels have shape (B,)."""
+
+    def __init__(self, d_model: int, n_classes: int, pooling: str = "mean", pad_id: int | None = None):
+        super().__init__()
+        self.pooling, self.pad_id = pooling, pad_id
+        self.proj = nn.Linear(d_model, n_classes)
+
+    def pool(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pad_id is None:
+            return hidden.mean(dim=1)
+        keep = (tokens != self.pad_id).unsqueeze(-1).to(hidden.dtype)
+        return (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(hidden, tokens))  # (B, n_classes)
+
+    def labelled(
+        self, hidden: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward(hidden, tokens), labels
+
+
+class MixerModel(nn.Module):
+    """Token (+ position) embedding, blocks with the cell's mixer, final norm, head.
+
+    `MixerModel(cfg, make_attention)` calls `make_attention()` once per layer,
+    so layers never share a mixer's parameters or state.
+    """
+
+    def __init__(self, cfg: ModelConfig, make_attention: AttentionFactory):
         super().__init__()
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab, cfg.d_model)
         self.pos = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.positions == "learned" else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        blocks = []
+        for _ in range(cfg.n_layers):
+            attn = make_attention()
+            check_trainable(attn.capabilities, f"{attn.method}/{attn.impl}", cfg.causal)
+            materialise(attn, cfg.n_heads, cfg.max_len, cfg.head_dim, cfg.causal)
+            blocks.append(Block(cfg, attn))
+        self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab)
+        if cfg.head == "lm":
+            self.head: LMHead | PooledClassifierHead = LMHead(cfg.d_model, cfg.vocab)
+        else:
+            self.head = PooledClassifierHead(cfg.d_model, cfg.n_classes, cfg.pooling, cfg.pad_id)
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states (B, N, D); the head is applied separately so a loss can pick positions."""
+        """Final-norm hidden states (B, N, D)."""
         n = tokens.shape[1]
         if n > self.cfg.max_len:
             raise ValueError(f"sequence of {n} tokens is longer than max_len {self.cfg.max_len}")
@@ -148,17 +270,13 @@ class TinyLM(nn.Module):
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, N, vocab)."""
-        return self.head(self.hidden(tokens))
+        """The head's logits: (B, N, vocab) for `lm`, (B, n_classes) for `classify`."""
+        return self.head(self.hidden(tokens), tokens)
 
     def labelled_logits(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and targets at the labelled positions only (label != -100).
-
-        Recall tasks label a few positions per sequence; running the head there
-        alone saves most of its cost at a large vocabulary.
-        """
-        mask = labels != -100
-        return self.head(self.hidden(tokens)[mask]), labels[mask]
+        """(logits (M, C), targets (M,)) over the M targets of the batch: what the trainer's loss and
+        evaluation read, whatever the head (labelled positions for `lm`, one per sequence for `classify`)."""
+        return self.head.labelled(self.hidden(tokens), tokens, labels)
 
     def mixers(self) -> list[Attention]:
         return [block.mixer.attn for block in self.blocks]

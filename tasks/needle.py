@@ -63,7 +63,7 @@ Columns per cell:
   RMSNorm) gets None, with `linear_in_v` False.
 - `fidelity_*` against the fp64 oracle at the read rows only (cheap at any
   length; exact methods outside tolerance are `wrong`), then latency and memory
-  of the whole-sequence forward call from `bench.measure.measure_call`, with
+  of the whole-sequence forward call from `bench.measure.checks.measure_call`, with
   `flops = attn.flops(shape, "fwd")`, as in `scaling`.
 
 Default beta (conf/task/needle.yaml): 8. Exact softmax's hit rate jumps from
@@ -86,13 +86,28 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+import pandas as pd
 import torch
 
-from bench.measure import check_exact, check_finite, measure_call
+from bench.measure.checks import check_exact, check_finite, measure_call
 from methods.base import Attention, Shape, default_scale
 from methods.oracle import fidelity, oracle_attention
-from tasks.base import Cell, RunContext, Task, torch_dtype
+from tasks.base import (
+    FIDELITY_METRICS,
+    TIMED_CALL_METRICS,
+    AttentionFactory,
+    Cell,
+    Metric,
+    RunContext,
+    Section,
+    SummaryColumn,
+    Task,
+    torch_dtype,
+)
+from tasks.needle_views import needle_heatmaps, needle_table
+from tasks.registry import register_task
 
 VARIANTS = ("single", "multikey", "multivalue", "multiquery")
 # attn(v + probe) must equal attn(v) + attn(probe) to this relative tolerance for `method_mass` to be read.
@@ -379,11 +394,51 @@ def haystack_for(point: dict, seed: int, device: torch.device | str = "cpu") -> 
     return _HAYSTACK_CACHE[key]
 
 
+@register_task
 class NeedleTask(Task):
     name = "needle"
     description = (
         "needle-in-a-haystack retrieval by the attention op (RULER-style variants), hit rate over context x depth"
     )
+    keys = ("depth", "beta", "variant", "needles", "distractor_sim")
+    metrics = (
+        Metric("accuracy", "fraction", "higher", "drop", "hit rate"),
+        Metric("hits", "", None, None, "hits"),
+        Metric("trials", "", None, None, "trials"),
+        Metric("query_hit_rate", "fraction", "higher", None, "per-query hit rate"),
+        Metric("chance", "fraction", None, None, "chance"),
+        Metric("needle_cos", "", "higher", None, "cos(output, needle value)"),
+        Metric("needle_mass", "fraction", None, None, "softmax mass on the needle"),
+        Metric("margin", "", None, None, "needle logit margin (mean)"),
+        Metric("margin_min", "", None, None, "needle logit margin (worst)"),
+        Metric("method_mass", "fraction", "higher", None, "method's mass on the needle"),
+        *FIDELITY_METRICS,
+        *TIMED_CALL_METRICS,
+        Metric("state_bytes", "bytes", "lower", None, "decode state"),
+    )
+    headline = "accuracy"
+    pareto = ("latency_ms", "accuracy")
+
+    def summary(self, ok: pd.DataFrame) -> list[SummaryColumn]:
+        """Hit rate of the single-needle variant at the longest context, pooled over depths; its mean latency."""
+        single = ok[ok["variant"].eq("single")] if "variant" in ok.columns else ok
+        if single.empty:
+            return []
+        longest = int(single["seq_len"].max())
+        at = single[single["seq_len"].eq(longest)]
+        by_impl = [at["method"], at["impl"]]
+        rate = at["hits"].groupby(by_impl).sum() / at["trials"].groupby(by_impl).sum()
+        latency = at["latency_ms"].groupby(by_impl).mean()
+        where = f"{longest} tokens, single needle, mean over depths"
+        return [SummaryColumn(self.metric("accuracy"), where, rate),
+                SummaryColumn(self.metric("latency_ms"), where, latency, in_table=False)]
+
+    def report_sections(self, rows: pd.DataFrame, out_dir: Path) -> list[Section]:
+        table = needle_table(rows)
+        if table.empty:
+            return []
+        text = "Hit rate per context length, pooled over depths; a length without an ok row shows its status."
+        return [Section("Needle retrieval (hit rate per context length)", text, table, needle_heatmaps(rows, out_dir))]
 
     def normalise_point(self, point: dict) -> dict | None:
         point = dict(point)
@@ -416,8 +471,9 @@ class NeedleTask(Task):
             return None  # too short to hold the needles, the queries and any haystack
         return point
 
-    def run_cell(self, cell: Cell, attn: Attention, ctx: RunContext) -> dict:
+    def run_cell(self, cell: Cell, make_attention: AttentionFactory, ctx: RunContext) -> dict:
         p = dict(cell.point)
+        attn = make_attention()
         causal = bool(p["causal"])
         attn.capabilities.check(causal=causal, cross=False, mode="fwd", dtype=p["dtype"])
         attn = attn.to(ctx.device)
@@ -430,12 +486,11 @@ class NeedleTask(Task):
             out = attn(q, k, v, causal=causal)
         check_finite(out)
         row: dict = {}
-        if ctx.check_fidelity:
-            # The read rows are the last n_q tokens; the oracle's bottom-right causal alignment keeps them in place.
-            reference = oracle_attention(q[:, :, -n_q:], k, v, causal=causal, dtype=torch.float64)
-            row["fidelity_max_abs"], row["fidelity_rel"] = fidelity(out[:, :, -n_q:], reference)
-            if attn.exact:
-                check_exact(row["fidelity_rel"], p["dtype"])
+        # The read rows are the last n_q tokens; the oracle's bottom-right causal alignment keeps them in place.
+        reference = oracle_attention(q[:, :, -n_q:], k, v, causal=causal, dtype=torch.float64)
+        row["fidelity_max_abs"], row["fidelity_rel"] = fidelity(out[:, :, -n_q:], reference)
+        if attn.exact:
+            check_exact(row["fidelity_rel"], p["dtype"])
         hits = decode_hits(out, truth)
         row.update(
             accuracy=float(hits.float().mean()),

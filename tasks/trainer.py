@@ -6,14 +6,26 @@ methods, so the recipe is fixed here and only its hyper-parameters vary:
 - **Data order** is a function of (seed, epoch): each epoch is a seeded
   permutation of the training set, so the data position is just the step, and
   a resumed run sees exactly the batches the uninterrupted one would.
-- **Checkpoints** hold model, optimizer, scheduler, RNG state, step and data
-  position, written atomically (temp file + rename), so a kill at any moment
-  leaves the previous checkpoint intact; `fit` resumes from one when it exists.
-- **Stops**: the step budget, early stop once held-out accuracy reaches the
-  target, or the wall-clock budget; `stopped` says which (target | budget | steps).
+- **Evaluation** (`evaluate`) reports accuracy, the mean cross-entropy per
+  target (`loss`, nats) and `perplexity` = exp(loss) on the held-out set. The
+  task names the metric (`TrainConfig.metric`) that picks the best evaluation
+  and stops early at `TrainConfig.target`: MQAR selects on accuracy, a
+  language model on perplexity. With `restore_best`, the model ends with the
+  weights of the best evaluation (LRA's protocol: select on validation, then
+  score the test set with that checkpoint).
+- **Checkpoints** hold model, optimizer, scheduler, RNG state, step, data
+  position, the evaluations so far (and the best weights with `restore_best`),
+  written atomically (temp file + rename), so a kill at any moment leaves the
+  previous checkpoint intact; `fit` resumes from one when it exists.
+- **Stops**: the step budget, the target metric reached, or the wall-clock
+  budget; `stopped` says which (target | budget | steps).
 - **Cost columns**: training seconds, tokens/s, and peak memory: CUDA's peak
   allocated over the run, or on CPU the profiler's allocation trace around one
   training step (profiling the whole run would distort its time).
+
+A model is anything with `labelled_logits(x, y) -> (logits (M, C), targets (M,))`
+(`tasks.model.MixerModel`): the trainer's loss and evaluation read only those
+M targets, whatever the head.
 """
 
 from __future__ import annotations
@@ -21,17 +33,24 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.measure.files import atomic_write
+from bench.measure.memory import measure_peak_memory
+
 STOPS = ("target", "budget", "steps")
+# The evaluation's metrics and which direction is better: the metric a task selects on must be one of them.
+EVAL_METRICS: dict[str, Literal["higher", "lower"]] = {"accuracy": "higher", "loss": "lower", "perplexity": "lower"}
+CHECKPOINT_FORMAT = 2  # 2: evaluations are dicts of every eval metric; an older checkpoint is not resumed
 
 
 @dataclass
@@ -46,27 +65,42 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     eval_every: int = 100  # steps between held-out evaluations (and the last step)
     eval_batch_size: int = 256
-    target_accuracy: float | None = None  # early stop once held-out accuracy >= target
+    metric: str = "accuracy"  # the eval metric that picks the best evaluation (EVAL_METRICS)
+    target: float | None = None  # early stop once `metric` reaches it (>= when higher is better, else <=)
+    restore_best: bool = False  # end with the weights of the best evaluation instead of the last step's
     time_budget_s: float | None = None  # wall-clock budget for training + evaluation
     seed: int = 0
     checkpoint_path: str | None = None  # resume from it when it exists; write it every checkpoint_every steps
     checkpoint_every: int = 0  # 0: only at evaluations (when a path is set)
     progress: bool | None = None  # None: a tqdm bar on a TTY unless CI=true
 
+    def __post_init__(self) -> None:
+        if self.metric not in EVAL_METRICS:
+            raise ValueError(f"unknown eval metric {self.metric!r}; choose from: {', '.join(EVAL_METRICS)}")
+        if int(self.steps) < 0 or int(self.batch_size) < 1 or int(self.eval_every) < 1:
+            raise ValueError(
+                f"steps must be >= 0, batch_size and eval_every >= 1; got {self.steps}, {self.batch_size}, "
+                f"{self.eval_every}"
+            )
+
 
 @dataclass
 class TrainResult:
     steps: int  # optimizer steps taken in total (including before a resume)
     stopped: str  # target | budget | steps
-    accuracy: float  # best held-out accuracy over the evaluations
-    final_accuracy: float  # held-out accuracy at the last evaluation
-    best_step: int
-    final_loss: float  # mean training loss over the last evaluation interval
+    metric: str  # the eval metric that chose `best`
+    best: dict  # the best evaluation on `metric`: step, train_loss, lr, accuracy, loss, perplexity
+    final: dict  # the last evaluation, same keys
+    final_train_loss: float  # mean training loss over the last evaluation interval
     train_seconds: float  # wall time of this process's training loop, evaluation included
     tokens_per_s: float | None  # training tokens per second of step time (the profiled step excluded)
     peak_mem_bytes: int | None
     peak_mem_note: str
-    history: list[dict] = field(default_factory=list)  # one dict per evaluation: step, loss, accuracy, lr
+    history: list[dict] = field(default_factory=list)  # every evaluation, in order
+
+    @property
+    def best_step(self) -> int:
+        return int(self.best["step"])
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -87,17 +121,8 @@ def show_progress(flag: bool | None) -> bool:
 
 
 def atomic_save(obj: object, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: a kill never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """torch.save through a temp file and a rename: a kill never leaves half a checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -106,55 +131,94 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)
 
 
+class LabelledModel(Protocol):
+    def labelled_logits(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def labelled_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy at the labelled positions (label != -100); uses `labelled_logits` when the model has it."""
-    if hasattr(model, "labelled_logits"):
-        logits, targets = model.labelled_logits(x, y)
-        return F.cross_entropy(logits, targets)
-    logits = model(x)
-    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=-100)
+    """Mean cross-entropy over the batch's targets (the model's `labelled_logits`)."""
+    logits, targets = model.labelled_logits(x, y)
+    return F.cross_entropy(logits, targets)
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean loss per target); inf where exp overflows a float, NaN for a NaN loss."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    """Accuracy over the labelled positions (label != -100) of a held-out set."""
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str
+) -> dict[str, float]:
+    """Accuracy, loss and perplexity over every target of a held-out set (metric names of EVAL_METRICS).
+
+    The loss is the mean cross-entropy per target over the whole set (summed
+    over batches, then divided once), so it does not depend on the batch size;
+    perplexity is its exp, the language-model convention.
+    """
     was_training = model.training
     model.eval()
-    hits = total = 0
+    hits, total, loss_sum = 0, 0, 0.0
     for i in range(0, len(x), batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-        if hasattr(model, "labelled_logits"):
-            logits, targets = model.labelled_logits(xb, yb)
-        else:
-            mask = yb != -100
-            logits, targets = model(xb)[mask], yb[mask]
+        logits, targets = model.labelled_logits(xb, yb)
         hits += int((logits.argmax(-1) == targets).sum())
         total += int(targets.numel())
+        loss_sum += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
     model.train(was_training)
-    return hits / total if total else float("nan")
+    if not total:
+        nan = float("nan")
+        return {"accuracy": nan, "loss": nan, "perplexity": nan, "n_targets": 0}
+    loss = loss_sum / total
+    return {"accuracy": hits / total, "loss": loss, "perplexity": perplexity(loss), "n_targets": total}
+
+
+def improves(metric: str, value: float, best: float | None) -> bool:
+    """Whether `value` of `metric` beats `best` (None: nothing yet). A NaN never improves."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value > best if EVAL_METRICS[metric] == "higher" else value < best
+
+
+def reached(metric: str, value: float, target: float | None) -> bool:
+    """Whether `value` of `metric` meets the early-stop target."""
+    if target is None or math.isnan(value):
+        return False
+    return value >= target if EVAL_METRICS[metric] == "higher" else value <= target
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the weights, so later steps cannot change the kept best."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 class Trainer:
-    """`Trainer(cfg, device).fit(model, (x_train, y_train), (x_test, y_test))` -> TrainResult.
+    """`Trainer(cfg, device).fit(model, (x_train, y_train), (x_eval, y_eval))` -> TrainResult.
 
     The model must already be seeded and built; `fit` moves it to the device.
-    `on_step(step, loss)` is called after each optimizer step (tests use it to
-    simulate an interruption).
+    `on_step(step, loss)` is called after each optimizer step, before that
+    step's evaluation (tests use it to simulate an interruption).
     """
 
     def __init__(self, cfg: TrainConfig, device: torch.device | str = "cpu", loss_fn: LossFn = labelled_loss):
         self.cfg, self.device, self.loss_fn = cfg, torch.device(device), loss_fn
+        self._order, self._order_epoch = torch.empty(0, dtype=torch.long), -1
 
     def _optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
         """AdamW with no weight decay on biases, norms and embeddings (nanoGPT's split)."""
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (decay if p.dim() >= 2 and "tok" not in name and "pos" not in name else no_decay).append(p)
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas)
         warmup = max(1, int(self.cfg.warmup_frac * self.cfg.steps))
@@ -163,10 +227,11 @@ class Trainer:
         )
         return opt, sched
 
-    def _save(self, path, model, opt, sched, step, n_train, extra) -> None:
+    def _save(self, path: Path, model: nn.Module, opt, sched, step: int, n_train: int, extra: dict) -> None:
         steps_per_epoch = max(1, n_train // self.cfg.batch_size)
         atomic_save(
             {
+                "format": CHECKPOINT_FORMAT,
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
@@ -179,34 +244,53 @@ class Trainer:
             path,
         )
 
-    def _batch(self, x, y, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(self, path: Path, model: nn.Module, opt, sched) -> dict | None:
+        """Restore a checkpoint into model, optimizer, scheduler and RNG; its `extra` with `step`, or None
+        when it was written by an older trainer (then the run starts over: a checkpoint is only a cache)."""
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            warnings.warn(f"checkpoint {path} has format {state.get('format')}, not {CHECKPOINT_FORMAT}; "
+                          "training from scratch", stacklevel=3)
+            return None
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        return {**state["extra"], "step": state["step"]}
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch at `step`: drop-last batches of the epoch's seeded permutation."""
         bs = self.cfg.batch_size
         steps_per_epoch = max(1, len(x) // bs)
         epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or self._order_epoch != epoch:
+        if self._order_epoch != epoch:
             self._order, self._order_epoch = epoch_order(len(x), self.cfg.seed, epoch), epoch
         idx = self._order[i * bs : (i + 1) * bs]
         return x[idx].to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True)
 
-    def fit(self, model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-            on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    def fit(
+        self,
+        model: nn.Module,
+        train: tuple[torch.Tensor, torch.Tensor],
+        held_out: tuple[torch.Tensor, torch.Tensor],
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> TrainResult:
+        """Train `model` on `train`, evaluating on `held_out` every `eval_every` steps and at the end."""
         cfg, device = self.cfg, self.device
         model.to(device).train()
         opt, sched = self._optimizer(model)
         self._order_epoch = -1
-        step, best, best_step, history = 0, -1.0, 0, []
+        step, history = 0, []
+        best: dict | None = None
+        best_state: dict[str, torch.Tensor] | None = None
         ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
-        if ckpt is not None and ckpt.exists():
-            state = torch.load(ckpt, map_location=device, weights_only=False)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng_cpu"])
-            if state["rng_cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["rng_cuda"])
-            step = state["step"]
-            best, best_step, history = state["extra"]["best"], state["extra"]["best_step"], state["extra"]["history"]
+        if ckpt is not None and ckpt.exists() and (resumed := self._load(ckpt, model, opt, sched)) is not None:
+            step, best, history, best_state = resumed["step"], resumed["best"], resumed["history"], resumed["best_model"]
+
+        def extra() -> dict:
+            return {"best": best, "history": history, "best_model": best_state}
 
         peak, peak_note = None, ""
         if device.type == "cuda":
@@ -214,14 +298,14 @@ class Trainer:
         tokens_per_step = cfg.batch_size * train[0].shape[1]
         started = time.perf_counter()
         step_seconds, timed_steps, losses = 0.0, 0, []
-        stopped, acc = "steps", history[-1]["accuracy"] if history else float("nan")
+        stopped = "steps"
         bar = None
         if show_progress(cfg.progress):
-            from tqdm import tqdm
+            from tqdm import tqdm  # only on a terminal: tqdm is a dev convenience, not a dependency of the rows
 
             bar = tqdm(total=cfg.steps, initial=step, desc="train", leave=False)
 
-        def one_step(xb, yb) -> torch.Tensor:
+        def one_step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
             loss = self.loss_fn(model, xb, yb)
             loss.backward()
@@ -235,8 +319,6 @@ class Trainer:
             xb, yb = self._batch(*train, step)
             t0 = time.perf_counter()
             if peak is None and device.type == "cpu" and not peak_note:
-                from bench.memory import measure_peak_memory
-
                 box = []
                 peak = measure_peak_memory(lambda box=box, xb=xb, yb=yb: box.append(one_step(xb, yb)), device)
                 loss, peak_note = box[0], "cpu profiler, one training step"
@@ -251,29 +333,30 @@ class Trainer:
                 raise FloatingPointError(f"training loss is {loss_value} at step {step}")
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.3f}")
+                shown = f"{best[cfg.metric]:.3f}" if best is not None else "-"
+                bar.set_postfix({"loss": f"{loss_value:.3f}", f"best {cfg.metric}": shown})
             if on_step is not None:
                 on_step(step, loss_value)
             over_budget = cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s
             if step % cfg.eval_every == 0 or step == cfg.steps or over_budget:
-                acc = evaluate(model, *test, cfg.eval_batch_size, device)
-                interval_loss = sum(losses) / len(losses)
+                record = {"step": step, "train_loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0],
+                          **evaluate(model, *held_out, cfg.eval_batch_size, device)}
                 losses = []
-                history.append({"step": step, "loss": interval_loss, "accuracy": acc, "lr": sched.get_last_lr()[0]})
-                if acc > best:
-                    best, best_step = acc, step
+                history.append(record)
+                if improves(cfg.metric, record[cfg.metric], None if best is None else best[cfg.metric]):
+                    best = record
+                    if cfg.restore_best:
+                        best_state = _snapshot(model)
                 if ckpt is not None:
-                    self._save(ckpt, model, opt, sched, step, len(train[0]),
-                               {"best": best, "best_step": best_step, "history": history})
-                if cfg.target_accuracy is not None and acc >= cfg.target_accuracy:
+                    self._save(ckpt, model, opt, sched, step, len(train[0]), extra())
+                if reached(cfg.metric, record[cfg.metric], cfg.target):
                     stopped = "target"
                     break
                 if over_budget:
                     stopped = "budget"
                     break
             elif ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                self._save(ckpt, model, opt, sched, step, len(train[0]),
-                           {"best": best, "best_step": best_step, "history": history})
+                self._save(ckpt, model, opt, sched, step, len(train[0]), extra())
         if bar is not None:
             bar.close()
 
@@ -281,17 +364,20 @@ class Trainer:
             peak, peak_note = int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated over the run"
         elif peak is None:
             peak_note = peak_note or "no training step ran in this process"
-        if not history:  # resumed from a finished checkpoint, or zero steps
-            acc = evaluate(model, *test, cfg.eval_batch_size, device)
-            history.append({"step": step, "loss": float("nan"), "accuracy": acc, "lr": sched.get_last_lr()[0]})
-            best, best_step = acc, step
+        if not history:  # zero steps: the untrained model's evaluation is all there is
+            history.append({"step": step, "train_loss": float("nan"), "lr": sched.get_last_lr()[0],
+                            **evaluate(model, *held_out, cfg.eval_batch_size, device)})
+        if best is None:  # no step ran, or every evaluation was NaN: the last one stands
+            best = history[-1]
+        if cfg.restore_best and best_state is not None:
+            model.load_state_dict(best_state)
         return TrainResult(
             steps=step,
             stopped=stopped,
-            accuracy=best,
-            final_accuracy=history[-1]["accuracy"],
-            best_step=best_step,
-            final_loss=history[-1]["loss"],
+            metric=cfg.metric,
+            best=dict(best),
+            final=dict(history[-1]),
+            final_train_loss=history[-1]["train_loss"],
             train_seconds=time.perf_counter() - started,
             tokens_per_s=tokens_per_step * timed_steps / step_seconds if step_seconds > 0 else None,
             peak_mem_bytes=peak,

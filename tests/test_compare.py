@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_report import make_row
+from helpers import make_row
 
 from bench import compare
+from bench.declarations import key_columns
 from bench.results import write_row
 
 METHODS = ("softmax/sdpa", "softmax/reference", "linear/reference", "sliding_window/reference")
@@ -87,7 +88,12 @@ def test_added_removed_and_status_changes() -> None:
 
 
 def test_accuracy_drop_and_fidelity_growth() -> None:
+    """Judged as each row's declarations say: accuracy by its drop, fidelity error by its growth."""
+    declared = json.dumps([{"name": "accuracy", "better": "higher", "judge": "drop"},
+                           {"name": "fidelity_rel", "better": "lower", "judge": "growth"}])  # fmt: skip
     base, cand = campaign(0), campaign(1)
+    for r in base + cand:
+        r["metrics"] = declared
     for r in cand:
         if r["method"] == "linear" and r["kv_len"] == 1024:
             r["accuracy"] = 0.8  # -0.1, beyond the 0.02 tolerance
@@ -98,7 +104,7 @@ def test_accuracy_drop_and_fidelity_growth() -> None:
             r["accuracy"] = 0.89  # -0.01: within tolerance
     result = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
     kinds = sorted((r.kind, r.cell.split(" ")[0]) for r in result.regressions)
-    assert kinds == [("accuracy", "linear/reference")] * 2 + [("fidelity", "sliding_window/reference")] * 2
+    assert kinds == [("accuracy", "linear/reference")] * 2 + [("fidelity_rel", "sliding_window/reference")] * 2
 
 
 def test_ratio_ci_brackets_a_known_shift() -> None:
@@ -142,7 +148,19 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_keys_include_task_keys_not_metrics() -> None:
+    """Rows without declarations (schema 1) get their task's registered keys; metrics never become keys."""
     rows = [make_row("a", task="needle", depth=0.5, variant="single", hits=3, trials=4, margin=0.1)]
-    keys = compare.key_columns(frame(rows))
-    assert {"depth", "variant", "input_dist", "method_params"} <= set(keys)
-    assert not {"hits", "trials", "margin", "hardware", "run_id", "cell_id", "threads"} & set(keys)
+    keys = key_columns(frame(rows))
+    assert {"depth", "variant", "beta", "method_params", "seq_len", "causal"} <= set(keys)
+    assert not {"hits", "trials", "margin", "input_dist", "hardware", "run_id", "cell_id", "threads"} & set(keys)
+
+
+def test_declared_keys_and_metrics_of_an_unknown_task_are_honoured() -> None:
+    """A task the code does not know is still matched and judged by what its rows declare."""
+    declared = dict(task="unregistered", keys=["seq_len", "knob"],
+                    metrics=json.dumps([{"name": "score", "better": "higher", "judge": "drop"}]))  # fmt: skip
+    base = [make_row(f"b{k}", knob=k, score=0.9, **declared) for k in (1, 2)]
+    cand = [make_row("c1", knob=1, score=0.9, **declared), make_row("c2", knob=2, score=0.5, **declared)]
+    result = compare.compare_frames(frame(base), frame(cand))
+    assert result.matched == 2  # `knob` tells the two cells apart
+    assert [(r.kind, "knob=2" in r.cell) for r in result.regressions] == [("score", True)]

@@ -1,6 +1,6 @@
 """DeltaNet reference: chunked (WY/UT) forward = recurrent decode = a naive token-by-token oracle.
 
-The oracle below restates the paper's form, `S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T` (the
+The oracle (`helpers.naive_deltanet`) restates the paper's form, `S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T` (the
 transpose of its eq. with row vectors), in fp64 with the whole preparation (normalisation, beta) written
 out again, so it shares no code with `methods/deltanet.py`.
 """
@@ -11,47 +11,14 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import FLOOR, max_err
+from helpers import FLOOR, max_err, naive_deltanet
+from helpers import deltanet_inputs as inputs
 
 from methods import Unsupported, build, get_method
 from methods.base import Shape
 from methods.deltanet import DeltaState, delta_rule_chunked, delta_rule_recurrent
 
 LENGTHS = [1, 17, 100, 300]
-
-
-def naive_deltanet(q, k, v, w_beta, scale=None, activation="identity"):
-    """fp64, one token at a time, every step written out: the definition the implementations must meet.
-
-    Query i reads the state after token i + n_k - n_q (bottom-right alignment); earlier queries output 0.
-    """
-    q, k, v, w_beta = q.double(), k.double(), v.double(), w_beta.double()
-    b, h, n, d_k = k.shape
-    n_q = q.shape[-2]
-    d_v = v.shape[-1]
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    beta = torch.sigmoid(torch.einsum("bhnd,d->bhn", k, w_beta))
-    act = F.silu if activation == "silu" else (lambda x: x)
-    q, k = act(q), act(k)
-    q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6) * scale
-    k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
-    eye = torch.eye(d_k, dtype=torch.float64)
-    state = torch.zeros(b, h, d_k, d_v, dtype=torch.float64)
-    out = torch.zeros(b, h, n_q, d_v, dtype=torch.float64)
-    for t in range(n):
-        kt, bt = k[:, :, t], beta[:, :, t, None, None]
-        transition = eye - bt * kt[..., :, None] * kt[..., None, :]
-        state = transition @ state + bt * kt[..., :, None] * v[:, :, t, None, :]
-        i = t - (n - n_q)  # the query sitting at token t, if any
-        if 0 <= i < n_q:
-            out[:, :, i] = (q[:, :, i, None, :] @ state)[:, :, 0]
-    return out
-
-
-def inputs(n, d_k=32, d_v=None, dtype=torch.float32, b=1, h=2):
-    d_v = d_k if d_v is None else d_v
-    return torch.randn(b, h, n, d_k).to(dtype), torch.randn(b, h, n, d_k).to(dtype), torch.randn(b, h, n, d_v).to(dtype)
 
 
 @pytest.mark.parametrize("n", LENGTHS)
@@ -176,13 +143,6 @@ def test_beta_projection_is_a_seeded_parameter():
     assert float(eager.w_beta.detach().abs().max()) <= 1 / math.sqrt(32)  # U(-1/sqrt(d), 1/sqrt(d)), as nn.Linear
     with pytest.raises(Unsupported, match="head_dim 32"):
         eager(*inputs(5, d_k=16), causal=True)
-
-
-def test_bad_params_raise():
-    with pytest.raises(ValueError, match="chunk_size"):
-        build("deltanet", chunk_size=0)
-    with pytest.raises(ValueError, match="choose from: identity, silu"):
-        build("deltanet", qk_activation="relu")
 
 
 def test_cost_model():

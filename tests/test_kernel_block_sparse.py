@@ -16,9 +16,9 @@ from helpers import FLOOR, max_err
 
 from methods import build
 from methods.kernels.block_sparse import block_sparse_attention, gather_attention, kernel_tiles
-from methods.masks import dense_mask
+from methods.kernels.layout import TileGrid, TokenTerms, build_layout
+from methods.masks import dense_mask, terms_mask_mod
 from methods.oracle import oracle_attention
-from methods.sparse_layout import TileGrid, TokenTerms, build_layout
 
 PARAMS = {
     "sliding_window": {"window": 40},
@@ -122,8 +122,8 @@ def test_every_term_at_once_other_head_dims_and_lse(d):
     terms = TokenTerms(band=(5, 3), sinks=2, local=24, columns=(16, 3))
     q, k, v = inputs(90, 150, d=d)
     out, lse = run_terms(q, k, v, terms, causal=True, return_lse=True)
-    mask = dense_mask(terms.mask_mod(60), 90, 150, causal=True)
-    assert max_err(out, oracle_attention(q, k, v, causal=True, mask_mod=terms.mask_mod(60))) < 1e-5
+    mask = dense_mask(terms_mask_mod(terms, 60), 90, 150, causal=True)
+    assert max_err(out, oracle_attention(q, k, v, causal=True, mask_mod=terms_mask_mod(terms, 60))) < 1e-5
     scores = (q.double() @ k.double().transpose(-1, -2)) / d**0.5
     assert max_err(lse, torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1)) < 1e-4
 
@@ -133,10 +133,10 @@ def test_rows_without_keys_are_zero_with_lse_minus_inf():
     terms = TokenTerms(band=(4, 4))
     q, k, v = inputs(100, 20)
     out, lse = run_terms(q, k, v, terms, causal=False, return_lse=True)
-    empty = dense_mask(terms.mask_mod(-80), 100, 20, causal=False)[0, 0].sum(-1) == 0
+    empty = dense_mask(terms_mask_mod(terms, -80), 100, 20, causal=False)[0, 0].sum(-1) == 0
     assert empty.sum() > 50 and torch.equal(out[:, :, empty], torch.zeros_like(out[:, :, empty]))
     assert torch.isneginf(lse[:, :, empty]).all() and torch.isfinite(lse[:, :, ~empty]).all()
-    assert max_err(out, oracle_attention(q, k, v, mask_mod=terms.mask_mod(-80))) < 1e-5
+    assert max_err(out, oracle_attention(q, k, v, mask_mod=terms_mask_mod(terms, -80))) < 1e-5
 
 
 def test_non_contiguous_inputs_and_per_head_layouts():
@@ -166,10 +166,9 @@ def test_layout_lists_cover_the_pattern_soundly(seed):
     bm, bn = [16, 32][seed % 2], [16, 32, 64][seed % 3]
     grid = TileGrid.bottom_right(n_q, n_k, bm, bn)
     layout = build_layout(grid, causal, terms)
+    pattern = terms_mask_mod(terms, n_k - n_q)  # None: no term set, so no key is visible
     mask = (
-        dense_mask(terms.mask_mod(n_k - n_q), n_q, n_k, causal)[0, 0]
-        if not terms.empty
-        else torch.zeros(n_q, n_k, dtype=torch.bool)
+        dense_mask(pattern, n_q, n_k, causal)[0, 0] if pattern is not None else torch.zeros(n_q, n_k, dtype=torch.bool)
     )
     listed = {}
     for kind in ("full", "edge", "part"):

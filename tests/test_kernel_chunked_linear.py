@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import FLOOR, max_err
 
-from methods import METHODS, build
+from methods import build
 from methods.kernels.chunked_linear import choose_config, chunked_linear_attention_forward
 from methods.linear_attention import linear_attention_chunked, linear_attention_step, naive_linear_attention
 
@@ -168,8 +168,6 @@ def test_based_kernel_linear_half_matches_reference() -> None:
 
 def test_based_kernel_matches_reference() -> None:
     """Both halves on their kernels (the window's is the sparse family's block-sparse kernel)."""
-    if "sliding_window" not in METHODS:
-        assert "sliding_window" in METHODS  # based sums its linear half with the sparse family's window
     q, k, v = (torch.randn(1, 2, n, 64) for n in (100, 150, 150))
     ref, kern = build("based", window=32), build("based", impl="kernel", window=32)
     for causal in (False, True):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import FLOOR, max_err
 
-from methods import METHODS, Unsupported, build
+from methods import Unsupported, build
 from methods.base import Shape
 from methods.linear_attention import (
     LIGHTNING_CAPS,
@@ -213,8 +213,9 @@ def test_lightning_slopes_and_output_norm():
 def test_lightning_is_causal_only():
     with pytest.raises(Unsupported, match="causal recurrence"):
         LIGHTNING_CAPS.check(causal=False, cross=False, mode="fwd", dtype="float32")
-    with pytest.raises(ValueError, match="causal"):
-        build("lightning")(*qkv(8, 8), causal=False)
+    for impl in ("reference", "kernel"):
+        with pytest.raises(Unsupported, match="causal recurrence"):
+            build("lightning", impl=impl)(*qkv(8, 8), causal=False)
 
 
 def test_based_linear_half_matches_naive():
@@ -228,14 +229,8 @@ def test_based_linear_half_matches_naive():
             assert max_err(attn.linear_part(q, k, v, causal), exact) < 1e-5
 
 
-@pytest.fixture
-def sliding_window():
-    if "sliding_window" not in METHODS:
-        assert "sliding_window" in METHODS  # based sums its linear half with the sparse family's window
-
-
 @pytest.mark.parametrize("n_q,n_k", [(17, 17), (300, 300), (17, 300)], ids=["17", "300", "17x300"])
-def test_based_is_linear_half_plus_window(sliding_window, n_q, n_k):
+def test_based_is_linear_half_plus_window(n_q, n_k):
     attn = build("based", window=16)
     window = build("sliding_window", impl="reference", window=16)
     q, k, v = qkv(n_q, n_k)
@@ -247,7 +242,7 @@ def test_based_is_linear_half_plus_window(sliding_window, n_q, n_k):
         assert max_err(out, exact) <= bound(max_err(attn.naive(q, k, v, causal, torch.float32), exact), exact, q.dtype)
 
 
-def test_based_fp16_within_twice_naive_fp16_error(sliding_window):
+def test_based_fp16_within_twice_naive_fp16_error():
     attn = build("based", window=32)
     q, k, v = qkv(200, 200, 64, torch.float16)
     for causal in (False, True):
@@ -258,19 +253,11 @@ def test_based_fp16_within_twice_naive_fp16_error(sliding_window):
         assert max_err(out, exact) <= bound(max_err(same_dtype, exact), exact, torch.float16)
 
 
-def test_based_decode_equals_causal_forward(sliding_window):
+def test_based_decode_equals_causal_forward():
     attn = build("based", window=8)
     q, k, v = qkv(30, 30)
     full = attn(q, k, v, causal=True)
     assert max_err(attn.decode(q[:, :, -1:], k, v), full[:, :, -1:]) < 1e-5
-
-
-def test_based_without_window_method_is_unsupported(monkeypatch):
-    attn = build("based")
-    monkeypatch.delitem(METHODS, "sliding_window", raising=False)
-    monkeypatch.setattr("importlib.import_module", lambda name: (_ for _ in ()).throw(ImportError(name)))
-    with pytest.raises(Unsupported, match="sliding_window"):
-        attn(*qkv(8, 8), causal=True)
 
 
 # --- cost model -----------------------------------------------------------------------------------------------------

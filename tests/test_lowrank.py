@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import FLOOR, max_err
 
-from methods import Unsupported, build, get_method
+from methods import BadParam, Unsupported, build, get_method
 from methods.base import Shape
 from methods.lowrank import iterative_pinv, segment_means
 from methods.oracle import oracle_attention
@@ -206,7 +206,7 @@ def test_linformer_refuses_causal_and_too_long_inputs():
         attn(*inputs(65))
     with pytest.raises(Unsupported, match="decode"):
         attn.capabilities.check(causal=False, cross=False, mode="decode", dtype="float32")
-    with pytest.raises(ValueError, match="choose from: xavier, identity"):
+    with pytest.raises(BadParam, match="parameter init must be one of 'xavier', 'identity', got 'orthogonal'"):
         build("linformer", init="orthogonal")
 
 

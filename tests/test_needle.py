@@ -10,11 +10,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bench.hardware import HardwareProfile
-from bench.needle_report import needle_heatmaps, needle_table
+from bench.measure.hardware import HardwareProfile
+from bench.measure.timing import TimingConfig
 from bench.results import load
-from bench.runner import RunSettings, run_cells
-from bench.timing import TimingConfig
+from bench.sweep import RunSettings, run_cells
 from methods import Unsupported, build
 from methods.base import Attention, Capabilities
 from methods.oracle import oracle_attention
@@ -27,6 +26,7 @@ from tasks.needle import (
     make_haystack,
     softmax_stats,
 )
+from tasks.needle_views import needle_heatmaps, needle_table
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "task" / "needle.yaml"
 DEFAULTS = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(CONF)).items() if k != "name"}
@@ -49,7 +49,7 @@ def point(**overrides) -> dict:
 
 def run(attn: Attention, seed: int = 0, **overrides) -> dict:
     p = point(**overrides)
-    return TASK.run_cell(Cell(attn.method or "test", attn.impl or "test", "needle", "cpu", p, seed=seed), attn, CTX)
+    return TASK.run_cell(Cell(attn.method or "test", attn.impl or "test", "needle", "cpu", p, seed=seed), lambda: attn, CTX)
 
 
 class SlidingWindow(Attention):
@@ -342,14 +342,13 @@ def test_rows_through_the_runner_feed_heatmaps_and_table(tmp_path, monkeypatch):
     assert all(p.suffix == ".png" and p.stat().st_size > 1000 for p in paths)
 
     table = needle_table(df)
-    header = table.splitlines()[0]
-    assert header.count("|") - 1 == 3 + len(lengths)  # method, impl, variant, then one column per length
-    assert "| 256 | 512 |" in header
-    assert "| softmax | sdpa | single | 1.00 | 1.00 |" in table
-    assert "| softmax | flash_attn | single | unsupported | unsupported |" in table
+    assert list(table.columns) == ["method", "impl", "variant", "256", "512"]  # then one column per length
+    records = table.values.tolist()
+    assert ["softmax", "sdpa", "single", "1.00", "1.00"] in records
+    assert ["softmax", "flash_attn", "single", "unsupported", "unsupported"] in records
 
 
-def test_report_splits_settings_that_vary_and_ignores_other_tasks(tmp_path):
+def test_report_splits_settings_that_vary(tmp_path):
     def row(beta, n, depth, rate, status="ok"):
         hits = None if rate is None else int(rate * 8)
         return dict(task="needle", method="m", impl="i", variant="single", beta=beta, seq_len=n, depth=depth,
@@ -357,12 +356,11 @@ def test_report_splits_settings_that_vary_and_ignores_other_tasks(tmp_path):
 
     rows = [row(beta, n, d, rate) for beta, rate in ((8.0, 1.0), (1.0, 0.25)) for n in (1024, 4096) for d in (0.0, 1.0)]
     rows += [row(8.0, 16384, d, None, "oom") for d in (0.0, 1.0)]
-    rows.append(dict(task="scaling", method="m", impl="i", seq_len=64, status="ok", accuracy=None))
     df = pd.DataFrame(rows)
     table = needle_table(df)
-    assert table.splitlines()[0] == "| method | impl | variant | beta | 1K | 4K | 16K |"
-    assert "| m | i | single | 1.0 | 0.25 | 0.25 |  |" in table
-    assert "| m | i | single | 8.0 | 1.00 | 1.00 | oom |" in table
+    assert list(table.columns) == ["method", "impl", "variant", "beta", "1K", "4K", "16K"]
+    assert ["m", "i", "single", "1.0", "0.25", "0.25", ""] in table.values.tolist()
+    assert ["m", "i", "single", "8.0", "1.00", "1.00", "oom"] in table.values.tolist()
     paths = needle_heatmaps(df, tmp_path)
     assert sorted(p.name for p in paths) == ["needle_m_i_single_beta=1.0.png", "needle_m_i_single_beta=8.0.png"]
-    assert needle_heatmaps(df[df["task"] == "scaling"], tmp_path / "none") == []
+    assert needle_heatmaps(df.iloc[:0], tmp_path / "none") == []

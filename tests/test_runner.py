@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from bench.hardware import HardwareProfile
+from bench.measure.hardware import HardwareProfile
+from bench.measure.timing import CellTimeout, TimingConfig
 from bench.results import CORE_COLUMNS, load
-from bench.runner import RunSettings, run_cells
-from bench.timing import CellTimeout, TimingConfig
+from bench.sweep import RunSettings, run_cells
 from methods import METHODS
 from methods.base import Attention, Capabilities
 from methods.registry import ImplSpec, MethodSpec

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.slopes import fit_loglog_slope, scaling_slopes
+from bench.report.slopes import fit_loglog_slope, scaling_slopes
 
 LENGTHS = [256, 512, 1024, 2048, 4096, 8192, 16384]
 
@@ -96,3 +96,12 @@ def test_range_patterns_and_too_few_lengths():
     assert set(one["n_lengths"]) == {1} and all(math.isnan(s) for s in one["slope"])
     assert scaling_slopes(df, min_len=10**6).empty
     assert scaling_slopes(pd.DataFrame()).empty
+
+
+def test_curves_split_by_every_declared_key():
+    """A key the rows declare (here a task's own `knob`) names a curve: one fit per value, never one through both."""
+    keys = ["dtype", "batch", "heads", "seq_len", "kv_len", "head_dim", "causal", "mode", "knob", "method_params"]
+    rows = [{**r, "knob": knob, "keys": keys, "method_params": "{}"}
+            for knob, exponent in ((1, 1.0), (2, 2.0)) for r in _rows("m", "reference", exponent)]  # fmt: skip
+    out = scaling_slopes(pd.DataFrame(rows))
+    assert dict(zip(out["knob"], out["slope"].round(6), strict=True)) == {1: 1.0, 2: 2.0}

@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from bench.memory import measure_peak_memory
-from bench.timing import CellTimeout, TimingConfig, measure_latency
+from bench.measure.memory import measure_peak_memory
+from bench.measure.timing import CellTimeout, TimingConfig, measure_latency
 from methods import build
 
 CPU = torch.device("cpu")

@@ -2,7 +2,7 @@
 
 `flash_fwd.py` walks every key block of a query tile; this kernel walks only
 the key blocks a per-tile list names, FlexAttention BlockMask style
-(`methods/sparse_layout.py` builds the lists). One program owns one query
+(`methods/kernels/layout.py` builds the lists). One program owns one query
 tile of one (batch, head) and folds three lists into the same online-softmax
 state (running max `m_i`, running sum `l_i`, fp32 accumulator `acc`):
 
@@ -54,52 +54,31 @@ from methods.kernels.common import (
     dot_tile,
     finish_rows,
     fold_key_tile,
+    head_offsets,
     interpreting,
     is_dot_tile,
+    load_rows,
     online_softmax_step,
+    softmax_state,
+    store_rows,
     warps_for_head_dim,
 )
-from methods.sparse_layout import BlockLayout, TokenTerms
+from methods.kernels.layout import BlockLayout, TokenTerms
 
 __all__ = ["block_sparse_attention", "gather_attention", "kernel_tiles"]
 
 
 @triton.jit
 def _fold_blocks(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    idx_ptr,
-    stride_e,
-    num,
-    pos_m,
-    offs_d,
-    n_k,
-    qk_scale,
-    band_left,
-    band_right,
-    n_sinks,
-    local,
-    col_stride,
-    col_first,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    PATTERN: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    BAND: tl.constexpr,
-    SINKS: tl.constexpr,
-    LOCAL: tl.constexpr,
-    COLUMNS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
+    acc, l_i, m_i, q, k_base, v_base,
+    stride_kn, stride_kd,
+    stride_vn, stride_vd,
+    idx_ptr, stride_e, num, pos_m, offs_d, n_k, qk_scale,
+    band_left, band_right, n_sinks, local, col_stride, col_first,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PATTERN: tl.constexpr,
+    CAUSAL: tl.constexpr, BAND: tl.constexpr, SINKS: tl.constexpr, LOCAL: tl.constexpr,
+    COLUMNS: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
     """Fold the `num` key blocks listed at `idx_ptr` into `(acc, l_i, m_i)`.
 
     MASKED=False is the full-block loop (lists are processed full first, so
@@ -139,71 +118,35 @@ def _fold_blocks(
 
 
 @triton.jit
-def _block_sparse_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    Lse,
-    Num,
-    Idx,
-    stride_qz,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kz,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vz,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_oz,
-    stride_oh,
-    stride_om,
-    stride_od,
-    stride_lz,
-    stride_lh,
-    stride_lm,
-    stride_nl,
-    stride_nz,
-    stride_nh,
-    stride_nt,
-    stride_il,
-    stride_iz,
-    stride_ih,
-    stride_it,
-    stride_ie,
-    n_heads,
-    n_q,
-    n_k,
-    q_start,
-    first_pos,
-    qk_scale,
-    band_left,
-    band_right,
-    n_sinks,
-    local,
-    col_stride,
-    col_first,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    BAND: tl.constexpr,
-    SINKS: tl.constexpr,
-    LOCAL: tl.constexpr,
-    COLUMNS: tl.constexpr,
-    HAS_LSE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+def _store_rows_and_lse(
+    acc, l_i, m_i, o_base, l_base, offs_m, row_ok, stride_om, stride_lm, offs_d, d_ok, stride_od, HAS_LSE: tl.constexpr
 ):
+    """Both kernels' epilogue: the finished rows into `o_base`, and their log-sum-exp into `l_base` if asked."""
+    out, lse = finish_rows(acc, l_i, m_i)
+    store_rows(o_base, offs_m, row_ok, stride_om, offs_d, d_ok, stride_od, out)
+    if HAS_LSE:
+        tl.store(l_base + offs_m.to(tl.int64) * stride_lm, lse, mask=row_ok)
+
+
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, Out, Lse, Num, Idx,
+    stride_qz, stride_qh, stride_qm, stride_qd,
+    stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_vz, stride_vh, stride_vn, stride_vd,
+    stride_oz, stride_oh, stride_om, stride_od,
+    stride_lz, stride_lh, stride_lm,
+    stride_nl, stride_nz, stride_nh, stride_nt,
+    stride_il, stride_iz, stride_ih, stride_it, stride_ie,
+    n_heads, n_q, n_k, q_start, first_pos, qk_scale,
+    band_left, band_right, n_sinks, local, col_stride, col_first,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, BAND: tl.constexpr, SINKS: tl.constexpr, LOCAL: tl.constexpr,
+    COLUMNS: tl.constexpr, HAS_LSE: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
     """One query tile of one (batch, head): grid is `(n_tiles, batch * heads)`."""
     tile = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_z = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
+    _, off_z, off_h = head_offsets(n_heads)
     q_base = Q + off_z * stride_qz + off_h * stride_qh
     k_base = K + off_z * stride_kz + off_h * stride_kh
     v_base = V + off_z * stride_vz + off_h * stride_vh
@@ -212,16 +155,11 @@ def _block_sparse_fwd_kernel(
     pos_m = first_pos + tile * BLOCK_M + tl.arange(0, BLOCK_M)  # absolute positions of the tile's rows
     offs_m = pos_m - q_start  # their query indices
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = (offs_m >= 0) & (offs_m < n_q)
-    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    row_ok, d_ok = (offs_m >= 0) & (offs_m < n_q), offs_d < HEAD_DIM
+    q = load_rows(q_base, offs_m, row_ok, stride_qm, offs_d, d_ok, stride_qd)
     if DOT_FP32:
         q = q.to(tl.float32)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = softmax_state(BLOCK_M, BLOCK_D)
 
     num_base = Num + off_z * stride_nz + off_h * stride_nh + tile * stride_nt
     idx_base = Idx + off_z * stride_iz + off_h * stride_ih + tile * stride_it
@@ -245,85 +183,38 @@ def _block_sparse_fwd_kernel(
         HEAD_DIM, BLOCK_N, True, True, CAUSAL, BAND, SINKS, LOCAL, COLUMNS, DOT_FP32,
     )  # fmt: skip
 
-    out, lse = finish_rows(acc, l_i, m_i)
-    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
-    if HAS_LSE:
-        l_ptrs = Lse + off_z * stride_lz + off_h * stride_lh + offs_m.to(tl.int64) * stride_lm
-        tl.store(l_ptrs, lse, mask=row_ok)
+    l_base = Lse + off_z * stride_lz + off_h * stride_lh
+    _store_rows_and_lse(
+        acc, l_i, m_i, o_base, l_base, offs_m, row_ok, stride_om, stride_lm, offs_d, d_ok, stride_od, HAS_LSE
+    )
 
 
 @triton.jit
 def _gather_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    Lse,
-    Idx,
-    stride_qz,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kz,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vz,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_oz,
-    stride_oh,
-    stride_om,
-    stride_od,
-    stride_lz,
-    stride_lh,
-    stride_lm,
-    stride_iz,
-    stride_ih,
-    stride_im,
-    stride_is,
-    n_heads,
-    n_q,
-    n_k,
-    n_sel,
-    qk_scale,
-    excl_block,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    EXCLUDE_OWN_BLOCK: tl.constexpr,
-    HAS_LSE: tl.constexpr,
-):
+    Q, K, V, Out, Lse, Idx,
+    stride_qz, stride_qh, stride_qm, stride_qd,
+    stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_vz, stride_vh, stride_vn, stride_vd,
+    stride_oz, stride_oh, stride_om, stride_od,
+    stride_lz, stride_lh, stride_lm,
+    stride_iz, stride_ih, stride_im, stride_is,
+    n_heads, n_q, n_k, n_sel, qk_scale, excl_block,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EXCLUDE_OWN_BLOCK: tl.constexpr, HAS_LSE: tl.constexpr,
+):  # fmt: skip
     """BLOCK_M query rows of one (batch, head), each over its own `n_sel` key indices (-1 = none)."""
-    pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_z = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
+    _, off_z, off_h = head_offsets(n_heads)
     k_base = K + off_z * stride_kz + off_h * stride_kh
     v_base = V + off_z * stride_vz + off_h * stride_vh
     idx_base = Idx + off_z * stride_iz + off_h * stride_ih
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_s_base = tl.arange(0, BLOCK_N)
-    row_ok = offs_m < n_q
-    d_mask = offs_d < HEAD_DIM
-    q_mask = row_ok[:, None] & d_mask[None, :]
-    q_ptrs = (
-        Q
-        + off_z * stride_qz
-        + off_h * stride_qh
-        + offs_m[:, None].to(tl.int64) * stride_qm
-        + offs_d[None, :] * stride_qd
-    )
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0).to(tl.float32)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_ok, d_mask = offs_m < n_q, offs_d < HEAD_DIM
+    q = load_rows(Q + off_z * stride_qz + off_h * stride_qh, offs_m, row_ok, stride_qm, offs_d, d_mask, stride_qd)
+    q = q.to(tl.float32)
+    acc, l_i, m_i = softmax_state(BLOCK_M, BLOCK_D)
     for start in range(0, n_sel, BLOCK_N):
         offs_s = start + offs_s_base
         i_ptrs = idx_base + offs_m[:, None].to(tl.int64) * stride_im + offs_s[None, :] * stride_is
@@ -341,17 +232,11 @@ def _gather_fwd_kernel(
         v = tl.load(v_base + row_off * stride_vn + offs_d[None, None, :] * stride_vd, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), 1)
 
-    out, lse = finish_rows(acc, l_i, m_i)
-    o_ptrs = (
-        Out
-        + off_z * stride_oz
-        + off_h * stride_oh
-        + offs_m[:, None].to(tl.int64) * stride_om
-        + offs_d[None, :] * stride_od
+    o_base = Out + off_z * stride_oz + off_h * stride_oh
+    l_base = Lse + off_z * stride_lz + off_h * stride_lh
+    _store_rows_and_lse(
+        acc, l_i, m_i, o_base, l_base, offs_m, row_ok, stride_om, stride_lm, offs_d, d_mask, stride_od, HAS_LSE
     )
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
-    if HAS_LSE:
-        tl.store(Lse + off_z * stride_lz + off_h * stride_lh + offs_m.to(tl.int64) * stride_lm, lse, mask=row_ok)
 
 
 def kernel_tiles(n_q: int, n_k: int, head_dim: int, pattern_block: int | None = None) -> tuple[int, int]:
@@ -389,7 +274,7 @@ def block_sparse_attention(
 
     Args:
         q: (batch, heads, n_q, head_dim); k, v: (batch, heads, n_k, head_dim); any strides.
-        layout: from `methods.sparse_layout.build_layout` on a grid of this call's shape.
+        layout: from `methods.kernels.layout.build_layout` on a grid of this call's shape.
         causal: bottom-right causal mask on edge and partial blocks (full blocks are causally visible by construction).
         terms: the token-level pattern evaluated in partial blocks.
         return_lse: also return the natural log-sum-exp per query, (batch, heads, n_q) float32.

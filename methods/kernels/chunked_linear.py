@@ -52,6 +52,7 @@ from methods.kernels.common import (
     check_dtypes_and_device,
     dot_fp32,
     dot_tile,
+    head_offsets,
     interpreting,
     is_dot_tile,
     load_rows,
@@ -66,52 +67,19 @@ MAX_VALUE_DIM = 256
 
 @triton.jit
 def _chunked_linear_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    LogDecay,
-    S0,
-    Z0,
-    S_out,
-    Z_out,
-    stride_qz,
-    stride_qh,
-    stride_qm,
-    stride_qf,
-    stride_kz,
-    stride_kh,
-    stride_kn,
-    stride_kf,
-    stride_vz,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_oz,
-    stride_oh,
-    stride_om,
-    stride_od,
-    n_heads,
-    n_q,
-    n_k,
-    eps,
-    FEAT: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_F: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_DECAY: tl.constexpr,
-    NORMALIZE: tl.constexpr,
-    HAS_INIT: tl.constexpr,
-    STORE_FINAL: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
+    Q, K, V, Out, LogDecay, S0, Z0, S_out, Z_out,
+    stride_qz, stride_qh, stride_qm, stride_qf,
+    stride_kz, stride_kh, stride_kn, stride_kf,
+    stride_vz, stride_vh, stride_vn, stride_vd,
+    stride_oz, stride_oh, stride_om, stride_od,
+    n_heads, n_q, n_k, eps,
+    FEAT: tl.constexpr, DV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_V: tl.constexpr, CAUSAL: tl.constexpr, HAS_DECAY: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
     """Grid `(cdiv(DV, BLOCK_V), batch * heads)`. States are contiguous fp32 `(B*H, FEAT, DV)` and `(B*H, FEAT)`."""
     pid_v = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_z = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
+    off_bh, off_z, off_h = head_offsets(n_heads)
     q_base = Q + off_z * stride_qz + off_h * stride_qh
     k_base = K + off_z * stride_kz + off_h * stride_kh
     v_base = V + off_z * stride_vz + off_h * stride_vh

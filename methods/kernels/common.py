@@ -12,6 +12,8 @@ Device side (`@triton.jit` helpers, inlined into the kernels that call them):
 * `finish_rows`: the output and log-sum-exp from the final state, with rows
   that saw no key at exactly 0 (lse -inf), never NaN.
 * `load_rows` / `store_rows`: a (rows x columns) tile at int64 row offsets.
+* `head_offsets` and `softmax_state`: every kernel's prologue (which (batch, head)
+  this program owns; the empty online-softmax state).
 
 Host side: the dtype/device checks every wrapper runs before a launch, the
 `DOT_FP32` flag (and the interpreter test behind it), and power-of-two tile
@@ -39,11 +41,13 @@ __all__ = [
     "dot_tile",
     "finish_rows",
     "fold_key_tile",
+    "head_offsets",
     "interpreting",
     "is_dot_tile",
     "load_rows",
     "online_softmax_step",
     "require_cuda",
+    "softmax_state",
     "store_rows",
     "warps_for_head_dim",
 ]
@@ -55,6 +59,23 @@ MAX_HEAD_DIM = 256
 
 
 # --- device side ------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def head_offsets(n_heads):
+    """`(off_bh, off_z, off_h)`: the (batch x heads) index this program owns (grid axis 1), and its batch and
+    head in int64, so base offsets `off_z * stride_z + off_h * stride_h` cannot overflow on large inputs."""
+    off_bh = tl.program_id(1)
+    return off_bh, (off_bh // n_heads).to(tl.int64), (off_bh % n_heads).to(tl.int64)
+
+
+@triton.jit
+def softmax_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """FlashAttention's online-softmax state before any key: `(acc, l_i, m_i)` = (0, 0, -inf), all fp32."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -84,26 +105,12 @@ def online_softmax_step(qk, m_i, l_i, MAY_BE_EMPTY: tl.constexpr):
 
 @triton.jit
 def fold_key_tile(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    start_n,
-    offs_d,
-    n_k,
-    qk_scale,
-    keep,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
+    acc, l_i, m_i, q, k_base, v_base,
+    stride_kn, stride_kd,
+    stride_vn, stride_vd,
+    start_n, offs_d, n_k, qk_scale, keep,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
     """Fold the keys `[start_n, start_n + BLOCK_N)` into the online-softmax state and return `(acc, l_i, m_i)`.
 
     `q` is the query tile (fp32 when DOT_FP32), `qk_scale` the score scale

@@ -3,7 +3,7 @@
 The split between PyTorch and Triton follows the two kinds of work in the WY/UT form (see
 `methods/deltanet.py` for the math):
 
-* **Parallel over chunks, in PyTorch** (`methods.deltanet.wy_factors`): per chunk of C tokens,
+* **Parallel over chunks, in PyTorch** (`methods.kernels.wy.wy_factors`): per chunk of C tokens,
   `A = I + tril(diag(beta) K K^T, -1)` and one batched triangular solve for `W = A^{-1} diag(beta) K` and
   `U = A^{-1} diag(beta) V`. No chunk depends on another, so this is a handful of large batched ops
   (cuBLAS on the GPU); writing an in-kernel forward substitution would not change the asymptotics.
@@ -40,10 +40,14 @@ from methods.kernels.common import (
     check_4d,
     dot_fp32,
     dot_tile,
+    head_offsets,
     interpreting,
     is_dot_tile,
+    load_rows,
     require_cuda,
+    store_rows,
 )
+from methods.kernels.wy import wy_factors
 
 __all__ = ["deltanet_chunk_forward", "MAX_HEAD_DIM"]
 
@@ -52,50 +56,20 @@ MAX_HEAD_DIM = 256
 
 @triton.jit
 def _deltanet_chunk_fwd_kernel(
-    Q,
-    K,
-    W,
-    U,
-    Out,
-    S0,
-    ST,
-    stride_qz,
-    stride_qh,
-    stride_qn,
-    stride_qd,
-    stride_kz,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_wz,
-    stride_wh,
-    stride_wn,
-    stride_wd,
-    stride_uz,
-    stride_uh,
-    stride_un,
-    stride_ud,
-    stride_oz,
-    stride_oh,
-    stride_on,
-    stride_od,
-    n_heads,
-    n_tokens,
-    n_chunks,
-    D_K: tl.constexpr,
-    D_V: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr,
-    STORE_FINAL_STATE: tl.constexpr,
+    Q, K, W, U, Out, S0, ST,
+    stride_qz, stride_qh, stride_qn, stride_qd,
+    stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_wz, stride_wh, stride_wn, stride_wd,
+    stride_uz, stride_uh, stride_un, stride_ud,
+    stride_oz, stride_oh, stride_on, stride_od,
+    n_heads, n_tokens, n_chunks,
+    D_K: tl.constexpr, D_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     DOT_FP32: tl.constexpr,
-):
+):  # fmt: skip
     """Grid `(cdiv(d_v, BLOCK_V), batch * heads)`; states S0/ST are contiguous fp32 `(B, H, d_k, d_v)`."""
     pid_v = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_z = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
+    off_bh, off_z, off_h = head_offsets(n_heads)
     q_base = Q + off_z * stride_qz + off_h * stride_qh
     k_base = K + off_z * stride_kz + off_h * stride_kh
     w_base = W + off_z * stride_wz + off_h * stride_wh
@@ -117,14 +91,12 @@ def _deltanet_chunk_fwd_kernel(
     causal = offs_c[:, None] >= offs_c[None, :]  # inclusive: a token's output reads its own update
 
     for i in range(0, n_chunks):
-        rows = (i * BLOCK_C + offs_c).to(tl.int64)
+        rows = i * BLOCK_C + offs_c
         row_ok = rows < n_tokens
-        mk = row_ok[:, None] & k_ok[None, :]
-        mv = row_ok[:, None] & v_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_qn + offs_k[None, :] * stride_qd, mask=mk, other=0.0)
-        k = tl.load(k_base + rows[:, None] * stride_kn + offs_k[None, :] * stride_kd, mask=mk, other=0.0)
-        w = tl.load(w_base + rows[:, None] * stride_wn + offs_k[None, :] * stride_wd, mask=mk, other=0.0)
-        u = tl.load(u_base + rows[:, None] * stride_un + offs_v[None, :] * stride_ud, mask=mv, other=0.0)
+        q = load_rows(q_base, rows, row_ok, stride_qn, offs_k, k_ok, stride_qd)
+        k = load_rows(k_base, rows, row_ok, stride_kn, offs_k, k_ok, stride_kd)
+        w = load_rows(w_base, rows, row_ok, stride_wn, offs_k, k_ok, stride_wd)
+        u = load_rows(u_base, rows, row_ok, stride_un, offs_v, v_ok, stride_ud)
         if DOT_FP32:
             q = q.to(tl.float32)
             k = k.to(tl.float32)
@@ -141,8 +113,7 @@ def _deltanet_chunk_fwd_kernel(
             o = tl.dot(q, s.to(q.dtype))
             o = tl.dot(qk.to(q.dtype), u_new.to(q.dtype), o)
             s = tl.dot(tl.trans(k), u_new.to(k.dtype), s)
-        o_ptrs = o_base + rows[:, None] * stride_on + offs_v[None, :] * stride_od
-        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=mv)
+        store_rows(o_base, rows, row_ok, stride_on, offs_v, v_ok, stride_od, o)
 
     if STORE_FINAL_STATE:
         tl.store(ST + s_offs, s, mask=s_mask)
@@ -195,8 +166,6 @@ def deltanet_chunk_forward(
         `(out (B, H, N, d_v) in out_dtype, final state or None)`.
     """
     _check_inputs(q, k, v, beta, chunk_size, initial_state)
-    from methods.deltanet import wy_factors
-
     out_dtype = q.dtype if out_dtype is None else out_dtype
     batch, heads, n, d_k = k.shape
     d_v = v.shape[3]

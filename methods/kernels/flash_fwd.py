@@ -46,7 +46,11 @@ from methods.kernels.common import (
     dot_tile,
     finish_rows,
     fold_key_tile,
+    head_offsets,
     interpreting,
+    load_rows,
+    softmax_state,
+    store_rows,
     warps_for_head_dim,
 )
 
@@ -55,29 +59,13 @@ __all__ = ["flash_attention_forward", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
 
 @triton.jit
 def _attn_inner(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    offs_m,
-    offs_d,
-    n_k,
-    offset,
-    qk_scale,
-    lo,
-    hi,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    acc, l_i, m_i, q, k_base, v_base,
+    stride_kn, stride_kd,
+    stride_vn, stride_vd,
+    offs_m, offs_d, n_k, offset, qk_scale, lo, hi,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_FP32: tl.constexpr,
-):
+):  # fmt: skip
     """Fold key blocks `[lo, hi)` into the online-softmax state and return `(acc, l_i, m_i)`.
 
     It is called twice per query block, with `MASKED` a compile-time flag:
@@ -105,61 +93,31 @@ def _attn_inner(
 
 @triton.jit
 def _flash_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    stride_qz,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kz,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vz,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_oz,
-    stride_oh,
-    stride_om,
-    stride_od,
-    n_heads,
-    n_q,
-    n_k,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
+    Q, K, V, Out,
+    stride_qz, stride_qh, stride_qm, stride_qd,
+    stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_vz, stride_vh, stride_vn, stride_vd,
+    stride_oz, stride_oh, stride_om, stride_od,
+    n_heads, n_q, n_k, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
     """One query block of one (batch, head): grid is `(cdiv(n_q, BLOCK_M), batch * heads)`."""
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_z = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
-
+    _, off_z, off_h = head_offsets(n_heads)
     q_base = Q + off_z * stride_qz + off_h * stride_qh
     k_base = K + off_z * stride_kz + off_h * stride_kh
     v_base = V + off_z * stride_vz + off_h * stride_vh
     o_base = Out + off_z * stride_oz + off_h * stride_oh
 
-    m_start = start_m * BLOCK_M
+    m_start = tl.program_id(0) * BLOCK_M
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     # BLOCK_D is HEAD_DIM rounded up to a power of two (tl.arange needs one); the pad is masked to 0.
-    q_mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    row_ok, d_ok = offs_m < n_q, offs_d < HEAD_DIM
+    q = load_rows(q_base, offs_m, row_ok, stride_qm, offs_d, d_ok, stride_qd)
     if DOT_FP32:
         q = q.to(tl.float32)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = softmax_state(BLOCK_M, BLOCK_D)
 
     # Bottom-right alignment: query i sits at absolute position i + offset.
     offset = n_k - n_q
@@ -186,8 +144,7 @@ def _flash_fwd_kernel(
     )  # fmt: skip
 
     out, _ = finish_rows(acc, l_i, m_i)  # rows that saw no key are exactly 0
-    o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
+    store_rows(o_base, offs_m, row_ok, stride_om, offs_d, d_ok, stride_od, out)
 
 
 @dataclass(frozen=True)

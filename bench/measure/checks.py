@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from bench.memory import measure_peak_memory
-from bench.timing import TimingConfig, measure_latency
+from bench.measure.memory import measure_peak_memory
+from bench.measure.timing import TimingConfig, measure_latency
 
 # Relative Frobenius error above which an exact method's output is `wrong`, per input dtype.
 EXACT_REL_TOLERANCE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2, "float64": 1e-8}

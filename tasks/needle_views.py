@@ -1,4 +1,4 @@
-"""Views of the `needle` task's rows: heat maps (depth x context length) and a Markdown table.
+"""Views of the `needle` task's rows for the report: heat maps (depth x context length) and a hit-rate table.
 
 The heat maps follow the needle-in-a-haystack plots users know (gkamradt's
 test, RULER): context length across, needle depth down (0% = first token at
@@ -22,9 +22,10 @@ HEATMAP_COLOURS = ("#F0496E", "#EBB839", "#0CD79F")  # the red-yellow-green of t
 
 
 def _needle_rows(df: pd.DataFrame) -> pd.DataFrame:
-    if df is None or df.empty or "task" not in df.columns:
+    """The task's rows (every status) with each column the views read, so old or partial results still draw."""
+    if df is None or df.empty:
         return pd.DataFrame()
-    rows = df[df["task"] == "needle"].copy()
+    rows = df.copy()
     for key in (*GROUP_KEYS, *SETTING_KEYS, "depth", "seq_len", "status", "accuracy"):
         if key not in rows.columns:
             rows[key] = None
@@ -143,30 +144,23 @@ def needle_heatmaps(df: pd.DataFrame, out_dir: Path | str) -> list[Path]:
     return paths
 
 
-def needle_table(df: pd.DataFrame) -> str:
-    """Markdown: one row per method/impl/variant (and varying setting), one column per context length.
+def needle_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per method/impl/variant (and varying setting), one column per context length, as text.
 
     Each entry is the hit rate pooled over depths (and seeds); a length with no
     ok row shows its status instead.
     """
     rows = _needle_rows(df)
     if rows.empty:
-        return "_no needle rows_\n"
+        return pd.DataFrame()
     lengths = sorted(int(n) for n in rows["seq_len"].dropna().unique())
     varying = _varying(rows)
-    header = [*GROUP_KEYS, *varying, *(format_length(n) for n in lengths)]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] * (len(header) - len(lengths)) + ["---:"] * len(lengths)) + "|",
-    ]
+    records = []
     for key, group in _groups(rows, [*GROUP_KEYS, *varying]):
-        entries = [str(key[k]) for k in (*GROUP_KEYS, *varying)]
+        record = {k: str(key[k]) for k in (*GROUP_KEYS, *varying)}
         for n in lengths:
             cell = group[group["seq_len"].astype(int) == n]
-            if cell.empty:
-                entries.append("")
-                continue
-            rate = _hit_rate(cell)
-            entries.append(_status_label(cell) if rate is None else f"{rate:.2f}")
-        lines.append("| " + " | ".join(entries) + " |")
-    return "\n".join(lines) + "\n"
+            rate = None if cell.empty else _hit_rate(cell)
+            record[format_length(n)] = "" if cell.empty else _status_label(cell) if rate is None else f"{rate:.2f}"
+        records.append(record)
+    return pd.DataFrame(records)

@@ -1,5 +1,11 @@
 """Which (query tile, key block) pairs a sparse pattern touches: the bookkeeping shared by references and kernel.
 
+Host-side PyTorch (no Triton), so the references import it without a GPU
+stack; it sits under `methods/kernels/` because the block-sparse kernel takes
+its `BlockLayout` and `TokenTerms`, and kernels import nothing from method
+modules. The same terms as attention-gym mask_mods (for the oracle and
+FlexAttention) are built by `methods.masks.terms_mask_mod`.
+
 A sparse-softmax method is described twice, at two granularities:
 
 * **token terms** (`TokenTerms`): a union of parametric predicates on the
@@ -31,14 +37,13 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.masks import MaskMod, band, local_blocks, or_masks, sinks, summary_columns
-
 __all__ = [
     "BlockLayout",
     "LayoutCache",
     "TileGrid",
     "TokenTerms",
     "build_layout",
+    "causal_tables",
     "expand_block_table",
     "interval_count",
     "mask_to_lists",
@@ -66,23 +71,6 @@ class TokenTerms:
     sinks: int = 0
     local: int = 0
     columns: tuple[int, int] | None = None
-
-    @property
-    def empty(self) -> bool:
-        return self.band is None and self.sinks <= 0 and self.local <= 0 and not self.columns
-
-    def mask_mod(self, offset: int) -> MaskMod | None:
-        """The union as a mask_mod (None when no term is set)."""
-        mods = []
-        if self.band is not None:
-            mods.append(band(*self.band, offset=offset))
-        if self.sinks > 0:
-            mods.append(sinks(self.sinks))
-        if self.local > 0:
-            mods.append(local_blocks(self.local, offset=offset))
-        if self.columns:
-            mods.append(summary_columns(*self.columns))
-        return or_masks(*mods) if mods else None
 
 
 @dataclass(frozen=True)
@@ -240,9 +228,6 @@ class BlockLayout:
     def to(self, device) -> BlockLayout:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
         return BlockLayout(**moved)
-
-    def visited_blocks(self) -> int:
-        return int(self.full_num.sum() + self.edge_num.sum() + self.part_num.sum())
 
 
 def build_layout(

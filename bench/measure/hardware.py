@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,9 +29,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bench.measure.files import atomic_write
+
 log = logging.getLogger(__name__)
 
-DEFAULT_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "hardware"
+DEFAULT_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "hardware"
 PEAK_KEYS: tuple[str, ...] = ("float32", "tf32", "float16", "bfloat16", "fp8")
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 CACHE_FORMAT = 1  # bump when the cached measurement's layout changes; old files are re-measured
@@ -280,17 +281,9 @@ def _read_cache(path: Path, identity: Mapping[str, Any]) -> dict[str, Any] | Non
 
 def _write_cache(path: Path, identity: Mapping[str, Any], measurement: Mapping[str, Any]) -> None:
     """Atomic write (temp file + rename) so concurrent runs never read a half-written file."""
+    payload = {"format": CACHE_FORMAT, "identity": dict(identity), "measurement": dict(measurement)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"format": CACHE_FORMAT, "identity": dict(identity), "measurement": dict(measurement)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(payload, f, indent=2, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, sort_keys=True)))
     except OSError as exc:  # read-only home etc.: the run still gets its numbers
         log.warning("could not write hardware cache %s: %s", path, exc)
 
@@ -419,7 +412,7 @@ def _measured_profile(spec: Mapping[str, Any], cache_dir: Path | None) -> Hardwa
         mem_bandwidth_gbs=bandwidth,
         memory_gib=memory_gib if memory_gib is not None else _system_memory_gib(),
         measured=True,
-        source=f"measured by bench.hardware.measure_cpu ({'cached' if from_cache else 'fresh'}: {path})",
+        source=f"measured by bench.measure.hardware.measure_cpu ({'cached' if from_cache else 'fresh'}: {path})",
         details=dict(measurement),
     )
 

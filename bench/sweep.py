@@ -1,4 +1,6 @@
-"""Turns cells into rows. One cell failing never stops the sweep: it becomes a row with a status and a reason."""
+"""Turns cells into rows (the CLI is `bench.run`). One cell failing never stops the sweep: it becomes a row
+with a status and a reason. Every row names its key columns and declares its task's metrics, so a results
+folder is self-describing."""
 
 from __future__ import annotations
 
@@ -12,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from bench.hardware import HardwareProfile
-from bench.measure import WrongResult
-from bench.provenance import device_name, now_iso, provenance
+from bench.measure.checks import WrongResult
+from bench.measure.hardware import HardwareProfile
+from bench.measure.provenance import device_name, now_iso, provenance
+from bench.measure.timing import CellTimeout, TimingConfig
 from bench.results import CORE_COLUMNS, finished_cells, write_row
-from bench.timing import CellTimeout, TimingConfig
 from methods import Unsupported, build, get_impl, get_method
 from methods.registry import interpreted
 from tasks import Cell, RunContext, get_task
-from tasks.base import SHAPE_KEYS
+from tasks.base import SHAPE_KEYS, Task
 
 REASON_CHARS = 300
 
@@ -62,9 +64,15 @@ def classify(err: BaseException) -> tuple[str, str]:
     return "error", one_line(err)
 
 
+def metric_declarations(task: Task) -> str:
+    """The task's metric columns as JSON (unit, direction, how compare judges them, which is the headline)."""
+    return json.dumps([{**m.as_dict(), "headline": m.name == task.headline} for m in task.metrics])
+
+
 def base_row(cell: Cell, settings: RunSettings) -> dict:
-    """Every core column, with the cell's keys and provenance filled and the metrics empty."""
+    """Every core column, with the cell's keys, declarations and provenance filled and the metrics empty."""
     spec = get_method(cell.method)
+    task = get_task(cell.task)
     impl = get_impl(cell.method, cell.impl)
     row = dict.fromkeys(CORE_COLUMNS)
     row.update({k: cell.point.get(k) for k in SHAPE_KEYS})
@@ -86,6 +94,8 @@ def base_row(cell: Cell, settings: RunSettings) -> dict:
         method_params=json.dumps(dict(cell.method_params), sort_keys=True),
         interpreted=interpreted(impl.kind, settings.device),
         config_yaml=settings.config_yaml,
+        keys=task.row_keys(cell),
+        metrics=metric_declarations(task),
     )
     return row
 
@@ -99,7 +109,7 @@ def measure_cell(cell: Cell, settings: RunSettings) -> dict:
         if reason:
             raise Unsupported(reason)
         task = get_task(cell.task)
-        attn = build(cell.method, impl=cell.impl, **dict(cell.method_params))
+        params = dict(cell.method_params)
         ctx = RunContext(
             device=settings.device,
             timing=settings.timing,
@@ -107,7 +117,7 @@ def measure_cell(cell: Cell, settings: RunSettings) -> dict:
             measure_memory=settings.measure_memory,
             checkpoint_dir=settings.results_dir / "checkpoints",
         )
-        row.update(task.run_cell(cell, attn, ctx))
+        row.update(task.run_cell(cell, lambda: build(cell.method, impl=cell.impl, **params), ctx))
         row["status"], row["reason"] = "ok", ""
     except Exception as err:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
         row["status"], row["reason"] = classify(err)
@@ -124,16 +134,24 @@ def run_cells(cells: Iterable[Cell], settings: RunSettings, log=print) -> list[d
     """Measure and write each cell; skip cells with an `ok` row unless `force`. Returns the rows written."""
     cells = list(cells)
     done = set() if settings.force else finished_cells(settings.results_dir)
-    rows = []
-    for i, cell in enumerate(cells, 1):
-        prefix = f"[{i}/{len(cells)}] {cell.label()}"
-        if cell.cell_id in done:
-            log(f"{prefix}: skipped (ok row exists)")
-            continue
-        row = measure_cell(cell, settings)
-        write_row(settings.results_dir, row)
-        rows.append(row)
-        latency = f" {row['latency_ms']:.3f} ms" if row.get("latency_ms") is not None else ""
-        log(f"{prefix}: {row['status']}{latency}{' - ' + row['reason'] if row['reason'] else ''}")
-        sys.stdout.flush()
-    return rows
+    # What exists now (modules: torch, sympy, pandas, ...) lives for the whole sweep: freezing it keeps the
+    # collection after each cell to the cell's own garbage (a full collection here costs ~0.2 s a cell).
+    gc.freeze()
+    try:
+        return [row for i, cell in enumerate(cells, 1) if (row := _run_one(cell, i, len(cells), done, settings, log))]
+    finally:
+        gc.unfreeze()
+
+
+def _run_one(cell: Cell, i: int, n: int, done: set[str], settings: RunSettings, log) -> dict | None:
+    """Measure and write one cell, or skip it (None) when it already has an ok row."""
+    prefix = f"[{i}/{n}] {cell.label()}"
+    if cell.cell_id in done:
+        log(f"{prefix}: skipped (ok row exists)")
+        return None
+    row = measure_cell(cell, settings)
+    write_row(settings.results_dir, row)
+    latency = f" {row['latency_ms']:.3f} ms" if row.get("latency_ms") is not None else ""
+    log(f"{prefix}: {row['status']}{latency}{' - ' + row['reason'] if row['reason'] else ''}")
+    sys.stdout.flush()
+    return row

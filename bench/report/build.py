@@ -1,0 +1,114 @@
+"""Build the report from a results folder: the parts in reading order, then each rendering and the figures.
+
+Reading order: the summary (one ranked row per method and impl: the promise),
+provenance, the per-cell tables by task, each task's own sections, scaling
+slopes and efficiency length, Not measured, and the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from bench.report.document import Part, section_part
+from bench.report.efficiency import BASELINE, EFFICIENCY_PNG, efficiency_lengths, efficiency_part, efficiency_plot
+from bench.report.html import render_html
+from bench.report.latex import render_latex
+from bench.report.markdown import render_markdown
+from bench.report.pareto import pareto_plots
+from bench.report.plots import context_plots, plots_part
+from bench.report.rows import NoResults, context_rows, load_results, prepare
+from bench.report.slopes import slopes_part
+from bench.report.summary import summarise, summary_parts
+from bench.report.tables import cell_parts, not_measured_part, provenance_part
+from tasks import TASKS
+
+TITLE = "attnbench leaderboard"
+
+
+def task_parts(df: pd.DataFrame, out: Path) -> list[Part]:
+    """Each registered task's own sections (`Task.report_sections`), from its rows of every status.
+
+    A task whose section fails on these rows (rows of an older version of the task) gets a part that says
+    so, with the error, rather than stopping the whole report.
+    """
+    parts: list[Part] = []
+    for task in sorted(df["_task"].unique()):
+        if task not in TASKS:
+            continue
+        rows = df[df["_task"] == task]
+        rows = rows.drop(columns=[c for c in rows.columns if c.startswith("_")])
+        try:
+            sections = TASKS[task].report_sections(rows, out)
+        except Exception as err:  # a task's code on old rows: say so, keep the rest of the report
+            parts.append(Part(f"{task}: section not drawn", text=[f"{type(err).__name__}: {err}".splitlines()[0]]))
+            continue
+        parts += [section_part(s) for s in sections]
+    return parts
+
+
+def report_parts(df: pd.DataFrame, results_dir: Path, out: Path, corrupt: list[tuple[str, str]],
+                 baseline: tuple[str, str]) -> list[Part]:  # fmt: skip
+    """Every part of the report in reading order; writes the figures into `out` on the way."""
+    summaries, notes = summarise(df)
+    n_interp = int((df["status"].eq("ok") & df["_interp"]).sum())
+    context = context_rows(df)  # once: plots, slopes and efficiency all read these rows
+    figures, not_drawn = context_plots(context, out)
+    eff = efficiency_lengths(context, baseline)
+    efficiency = efficiency_part(eff, baseline)
+    if efficiency is not None and (png := efficiency_plot(eff, out / EFFICIENCY_PNG, baseline)) is not None:
+        efficiency.figures.append(png)
+    return [
+        *summary_parts(summaries, notes, n_interp),
+        provenance_part(df, results_dir, len(corrupt)),
+        *cell_parts(df),
+        *task_parts(df, out),
+        *(p for p in (slopes_part(context), efficiency) if p is not None),
+        not_measured_part(df, corrupt),
+        plots_part([*figures, *pareto_plots(summaries, out)], not_drawn),
+    ]
+
+
+def write_report(
+    results_dir: Path | str, out_dir: Path | str | None = None, baseline: tuple[str, str] = BASELINE
+) -> Path:
+    """Write leaderboard.md/.tex, index.html and the figures; returns the leaderboard's path.
+
+    NoResults when there is nothing to report. `baseline` is the method/impl the efficiency length is measured
+    against.
+    """
+    results_dir = Path(results_dir)
+    raw, corrupt = load_results(results_dir)
+    df = prepare(raw)
+    default = (results_dir if results_dir.is_dir() else results_dir.parent) / "report"
+    out = Path(out_dir) if out_dir is not None else default
+    out.mkdir(parents=True, exist_ok=True)
+    parts = report_parts(df, results_dir, out, corrupt, baseline)
+    path = out / "leaderboard.md"
+    path.write_text(render_markdown(TITLE, parts), encoding="utf-8")
+    (out / "leaderboard.tex").write_text(render_latex(parts), encoding="utf-8")
+    (out / "index.html").write_text(render_html(TITLE, parts), encoding="utf-8")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: 0 on success, 2 with a one-line message when there is nothing to report."""
+    parser = argparse.ArgumentParser(prog="python -m bench.report",
+                                     description="Write the leaderboard (Markdown, LaTeX, HTML) and plots.")  # fmt: skip
+    parser.add_argument("results_dir", type=Path, help="folder of results (searched recursively)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS_DIR/report)")
+    parser.add_argument("--baseline", default="/".join(BASELINE), metavar="METHOD/IMPL",
+                        help="what the efficiency length is measured against (default softmax/sdpa)")  # fmt: skip
+    args = parser.parse_args(argv)
+    method, _, impl = args.baseline.partition("/")
+    try:
+        path = write_report(args.results_dir, args.out, (method, impl or BASELINE[1]))
+    except NoResults as err:
+        print(f"error: {err.code}", file=sys.stderr)
+        return 2
+    print(f"report written to {path}")
+    return 0
