@@ -7,7 +7,7 @@ judged on the raw samples: the ratio of medians gets a bootstrap confidence
 interval (fixed seed, so the verdict is reproducible), and only an interval
 lying wholly beyond the tolerance is a regression; a noisy box widens the
 interval instead of raising false alarms. `--normalize-by IMPL` divides every
-latency by the same run's softmax/IMPL latency at the same shape, which
+latency by the same run's METHOD/IMPL latency at the same shape (`sdpa`: exact softmax's), which
 cancels a slower machine or a busy CI runner.
 
 Exit codes: 0 no regression, 1 regression, 2 bad input (missing, empty or
@@ -221,14 +221,30 @@ def ratio_ci(
 # ---------------------------------------------------------------- comparison
 
 
-def reference_rows(df: pd.DataFrame, impl: str) -> pd.DataFrame:
-    """softmax/IMPL ok rows of one run, indexed by shape: the same-run yardstick for every method."""
-    ref = df[df["method"].eq("softmax") & df["impl"].eq(impl) & df["status"].eq("ok")]
+def yardstick(spec: str, *frames: pd.DataFrame) -> str:
+    """`METHOD/IMPL` of the same-run yardstick. A bare `IMPL` names the exact method that has it (`sdpa`:
+    exact softmax's SDPA), so the CLI stays short without this module naming a method."""
+    if "/" in spec:
+        return spec
+    rows = pd.concat([f[["method", "impl", "exact"]] for f in frames if "exact" in f.columns], ignore_index=True)
+    exact = rows[rows["impl"].eq(spec) & rows["exact"].eq(True)]
+    methods = sorted(exact["method"].astype(str).unique())
+    if len(methods) != 1:
+        found = ", ".join(methods) or "none"
+        raise BadInput(f"--normalize-by {spec}: needs exactly one exact method with impl {spec!r} (found: {found}); "
+                       "give METHOD/IMPL")  # fmt: skip
+    return f"{methods[0]}/{spec}"
+
+
+def reference_rows(df: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """METHOD/IMPL ok rows of one run, indexed by shape: the same-run yardstick for every method."""
+    method, _, impl = reference.partition("/")
+    ref = df[df["method"].eq(method) & df["impl"].eq(impl) & df["status"].eq("ok")]
     return ref.drop_duplicates("_ref", keep="last").set_index("_ref", drop=False)
 
 
 def judge_latency(
-    b: pd.Series, c: pd.Series, tol: Tolerances, refs: tuple[pd.DataFrame, pd.DataFrame] | None, impl: str | None
+    b: pd.Series, c: pd.Series, tol: Tolerances, refs: tuple[pd.DataFrame, pd.DataFrame] | None, reference: str | None
 ) -> Finding | None:
     """Latency finding of one matched ok cell; None when either side has no latency."""
     bs, cs = samples_of(b), samples_of(c)
@@ -238,12 +254,12 @@ def judge_latency(
     ids = {"base_cell_id": str(b["cell_id"]), "cand_cell_id": str(c["cell_id"])}
     base_ref = cand_ref = None
     if refs is not None:
-        if b["method"] == "softmax" and b["impl"] == impl:
+        if f"{b['method']}/{b['impl']}" == reference:
             return None  # the yardstick itself: always 1.0 after normalization
         rb, rc = refs[0].get(b["_ref"]), refs[1].get(c["_ref"])
         if rb is None or rc is None or rb.size == 0 or rc.size == 0:
             return Finding(cell, "latency", "unjudged", float(np.median(bs)), float(np.median(cs)),
-                           f"no softmax/{impl} row at this shape in both runs", **ids)  # fmt: skip
+                           f"no {reference} row at this shape in both runs", **ids)  # fmt: skip
         base_ref, cand_ref = rb, rc
     if float(np.median(bs)) < tol.min_latency_ms:
         return Finding(cell, "latency", "unjudged", float(np.median(bs)), float(np.median(cs)),
@@ -310,6 +326,7 @@ def compare_frames(
     keys = key_columns(base, cand)
     declared = metric_declarations(cand, base)
     b, c = with_keys(base, keys), with_keys(cand, keys)
+    normalize_by = yardstick(normalize_by, base, cand) if normalize_by else None
     result = Comparison(base_name, cand_name, normalize_by, tol)
     result.added = sorted(c.loc[c.index.difference(b.index), "_label"])
     result.removed = sorted(b.loc[b.index.difference(c.index), "_label"])
@@ -424,7 +441,7 @@ def to_markdown(result: Comparison, max_listed: int = 50) -> str:
         f"{head}: {len(regs)} regression(s), {len(imps)} improvement(s) over {result.matched} matched cells; "
         f"{len(result.added)} added, {len(result.removed)} removed.\n",
         f"- base: `{result.base}`\n- candidate: `{result.cand}`",
-        f"- latency: {'normalized by the same run’s softmax/' + result.normalize_by if result.normalize_by else 'raw'}"
+        f"- latency: {'normalized by the same run’s ' + result.normalize_by if result.normalize_by else 'raw'}"
         f"; regression when the {tol.confidence:.0%} bootstrap interval of the median ratio lies above "
         f"{tol.latency_ratio}x per cell, or the {tol.method_confidence:.0%} interval of the median over a method's cells above "
         f"{tol.method_latency_ratio}x; "
@@ -460,8 +477,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
     parser.add_argument("base", type=Path, help="baseline results folder")
     parser.add_argument("candidate", type=Path, help="candidate results folder")
-    parser.add_argument("--normalize-by", default=None, metavar="IMPL",
-                        help="divide latencies by the same run's softmax/IMPL at the same shape (e.g. sdpa)")  # fmt: skip
+    parser.add_argument("--normalize-by", default=None, metavar="[METHOD/]IMPL",
+                        help="divide latencies by the same run's METHOD/IMPL at the same shape; a bare IMPL (e.g. sdpa) "
+                             "names the exact method that has it")  # fmt: skip
     parser.add_argument("--latency-tol", type=float, default=Tolerances.latency_ratio,
                         help="per-cell ratio whose excess (whole interval beyond it) is a regression")
     parser.add_argument("--method-latency-tol", type=float, default=Tolerances.method_latency_ratio,

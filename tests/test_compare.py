@@ -164,3 +164,16 @@ def test_declared_keys_and_metrics_of_an_unknown_task_are_honoured() -> None:
     result = compare.compare_frames(frame(base), frame(cand))
     assert result.matched == 2  # `knob` tells the two cells apart
     assert [(r.kind, "knob=2" in r.cell) for r in result.regressions] == [("score", True)]
+
+
+def test_normalize_by_names_its_yardstick_from_the_rows() -> None:
+    """A bare IMPL is the exact method that has it; METHOD/IMPL names any row; an unknown one is bad input."""
+    base, cand = frame(campaign(0)), frame(campaign(1, {"linear/reference": 2.0}))
+    bare = compare.compare_frames(base, cand, normalize_by="sdpa")
+    assert bare.normalize_by == "softmax/sdpa"
+    full = compare.compare_frames(base, cand, normalize_by="softmax/sdpa")
+    assert [f.ratio for f in full.findings] == [f.ratio for f in bare.findings]
+    other = compare.compare_frames(base, cand, normalize_by="linear/reference")  # linear is the yardstick now
+    assert not [f for f in other.regressions if f.cell.startswith("linear/reference")]
+    with pytest.raises(compare.BadInput, match="--normalize-by flash: needs exactly one exact method"):
+        compare.compare_frames(base, cand, normalize_by="flash")

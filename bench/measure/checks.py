@@ -1,6 +1,6 @@
 """The measurement every task shares: latency and memory of one call, and the result checks.
 
-`scaling` and `needle` both end here, so their latency and memory columns
+Every task that times a call ends here, so its latency and memory columns
 mean the same thing.
 """
 
