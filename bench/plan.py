@@ -63,15 +63,16 @@ def select_methods(selector: str) -> list[str]:
 
 
 def suite_method_entries(suite: Mapping) -> dict[str, dict]:
-    """name -> {impls, params, strict} from a suite's `methods:`; a named method overrides a selector's entry.
+    """name -> {impls, params, strict} from a suite's `methods:`; `family=` overrides `all`, a name overrides both.
 
     Entries under `all` or `family=...` take only the listed impls each method has (`strict` False), so a
     new method joins the suite with its reference and kernel without an edit; a method named on its own
     must have every impl listed (`strict` True).
     """
     entries: dict[str, dict] = {}
-    items = sorted((suite.get("methods") or {}).items(), key=lambda kv: kv[0] != "all" and "=" not in kv[0])
-    for selector, entry in items:  # selectors first, names last: a name overrides
+    specificity = {"all": 0}  # `all`, then families, then names: the more specific entry wins
+    items = sorted((suite.get("methods") or {}).items(), key=lambda kv: specificity.get(kv[0], 1 if "=" in kv[0] else 2))
+    for selector, entry in items:
         entry = entry if isinstance(entry, Mapping) else {"impls": entry}
         for name in select_methods(selector):
             entries[name] = {"impls": entry.get("impls"), "params": dict(entry.get("params") or {}),

@@ -94,3 +94,31 @@ def test_token_budget_sets_batch():
                       cli_task_keys=("tokens", "seq_len"))
     assert {(c.point["seq_len"], c.point["batch"]) for c in cells} == {(512, 8), (1024, 4)}
     assert all("tokens" not in c.point for c in cells)
+
+
+def test_suite_selectors_pick_registered_methods(tmp_path):
+    """`all` and `family=...` select from the registry; a named entry overrides; `[]` leaves a method out;
+    under a selector each method runs only the listed impls it has."""
+    from bench.plan import suite_method_entries
+
+    entries = suite_method_entries({"methods": {"family=sparse": ["reference", "flex"], "bigbird": ["kernel"],
+                                                "all": ["kernel"], "identity": []}})  # fmt: skip
+    from methods import METHODS
+
+    sparse = {m for m, s in METHODS.items() if s.family == "sparse"}
+    assert set(entries) == set(METHODS)
+    assert all(entries[m]["impls"] == ["reference", "flex"] and not entries[m]["strict"] for m in sparse - {"bigbird"})
+    assert entries["bigbird"] == {"impls": ["kernel"], "params": {}, "strict": True}
+    assert entries["identity"]["impls"] == [] and entries["linear"]["impls"] == ["kernel"]
+    with pytest.raises(ValueError, match="no method of family 'sprase'; families: baseline, exact"):
+        suite_method_entries({"methods": {"family=sprase": ["reference"]}})
+
+
+def test_cpu_suite_has_every_registered_method_and_only_impls_they_have():
+    cells = cells_for("suite=cpu")
+    from methods import METHODS
+
+    assert {c.method for c in cells} == set(METHODS)
+    assert all(c.impl in METHODS[c.method].impls for c in cells)
+    assert {c.impl for c in cells if c.method == "softmax"} == {"reference", "sdpa", "sdpa_math", "flex", "kernel"}
+    assert {c.impl for c in cells if c.method != "softmax"} == {"reference"}
