@@ -219,7 +219,7 @@ class Task(abc.ABC):
         if not self.headline or ok.empty or self.headline not in ok.columns:
             return []
         values = pd.to_numeric(ok[self.headline], errors="coerce").groupby([ok["method"], ok["impl"]]).mean()
-        return [SummaryColumn(self.metric(self.headline), f"{self.name} (mean over cells)", values.dropna())]
+        return [SummaryColumn(self.metric(self.headline), "mean over cells", values.dropna())]
 
     def report_sections(self, rows: pd.DataFrame, out_dir: Path) -> list[Section]:
         """Sections beyond the generic per-cell tables (heat maps, a paper-layout table, ...); none by default."""

@@ -191,7 +191,7 @@ def test_toy_task_gets_its_column_and_direction(tmp_path: Path, toy_task: type[T
                   note_count=7, latency_ms=None)  # fmt: skip
     md = report.write_report(tmp_path).read_text()
     summary = md_tables(md)[0]
-    assert "toy_reader_test: wall time (s) ↓ @ toy_reader_test (mean over cells)" in cells(summary[0])
+    assert "toy_reader_test: wall time (s) ↓ @ mean over cells" in cells(summary[0])
     assert [cells(line)[1] for line in summary[2:]] == ["quick", "middling", "slowpoke"]  # lower is better
     table = section(md, "## Task: toy_reader_test", "## Not measured")
     assert "| method | impl | point | wall time (s) ↓ |" in table  # declared metric, declared key; notes: no direction
@@ -208,7 +208,7 @@ def test_unregistered_task_reports_from_its_rows_alone(tmp_path: Path) -> None:
                                      keys=["seq_len", "knob"], metrics=metrics))  # fmt: skip
     md = report.write_report(tmp_path).read_text()
     summary = md_tables(md)[0]
-    assert "gone_task: score ↑ @ gone_task (mean over cells)" in cells(summary[0])
+    assert "gone_task: score ↑ @ mean over cells" in cells(summary[0])
     assert [cells(line)[1] for line in summary[2:]] == ["hi", "lo"]
     assert "All rows: N=1024, knob=3" in section(md, "## Task: gone_task")
 

@@ -48,7 +48,7 @@ def default_columns(task: str, ok: pd.DataFrame) -> list[SummaryColumn]:
     if metric is None or headline not in ok.columns:
         return []
     values = pd.to_numeric(ok[headline], errors="coerce").groupby([ok["method"], ok["impl"]]).mean().dropna()
-    return [SummaryColumn(metric, f"{task} (mean over cells)", values)]
+    return [SummaryColumn(metric, "mean over cells", values)]
 
 
 def summarise(df: pd.DataFrame) -> tuple[list[TaskSummary], list[str]]:
