@@ -246,6 +246,15 @@ def test_metrics_never_become_keys(tmp_path: Path, schema: int) -> None:
     assert table.caption.startswith("All rows: B×H×D=1×8×64, N=1024, beta=8, variant=single")
 
 
+def test_a_shape_unit_varies_as_a_whole() -> None:
+    """Decode rows share seq_len=1 but not kv_len: the context is in the point column, never in the caption."""
+    rows = [make_row(f"d{kv}", mode="decode", seq_len=1, kv_len=kv, batch=b) for kv in (1024, 4096) for b in (1, 2)]
+    table = cell_table(prepare(pd.DataFrame(rows)))
+    assert "N=" not in table.caption and "B×H×D" not in table.caption
+    assert sorted(set(table.cells["point"])) == ["B×H×D=1×8×64 · N=1024", "B×H×D=1×8×64 · N=4096",
+                                                 "B×H×D=2×8×64 · N=1024", "B×H×D=2×8×64 · N=4096"]  # fmt: skip
+
+
 def test_declared_metric_directions_and_headline() -> None:
     metrics, headline = row_metrics(pd.DataFrame([declared(r) for r in needle_like_rows()]))
     by_name = {m.name: m for m in metrics}

@@ -110,6 +110,9 @@ def split_keys(group: pd.DataFrame, keys: Sequence[str]) -> tuple[list[str], lis
     """
     keys = [k for k in keys if k in group.columns and k not in IN_HEADING and group[k].notna().any()]
     varying = [k for k in keys if varies(group, k) or (k != PARAMS and group[k].isna().any())]
+    for unit in (CONTEXT, SHAPE_TRIPLE):  # shown as one piece (N, B×H×D): varying if any part varies
+        if set(unit) & set(varying):
+            varying += [k for k in keys if k in unit and k not in varying]
     constant = [k for k in keys if k not in varying and k != PARAMS and fmt_value(group[k].iloc[0]) not in DEFAULTS]
     return varying, constant
 
