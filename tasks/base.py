@@ -178,6 +178,7 @@ class Task(abc.ABC):
     headline: str = ""  # the metric of the summary table (one value per method and impl)
     pareto: tuple[str, str] | None = None  # (cost metric, quality metric) of the Pareto plot, from `summary`
     plots_vs_context: bool = False  # draw its latency and memory against the context length (kv_len)
+    section_group: str | None = None  # tasks of one group (e.g. the LRA tasks) also share `group_sections`
 
     def metric(self, name: str) -> Metric:
         for m in self.metrics:
@@ -223,6 +224,11 @@ class Task(abc.ABC):
 
     def report_sections(self, rows: pd.DataFrame, out_dir: Path) -> list[Section]:
         """Sections beyond the generic per-cell tables (heat maps, a paper-layout table, ...); none by default."""
+        return []
+
+    def group_sections(self, rows: pd.DataFrame, out_dir: Path) -> list[Section]:
+        """Sections over the rows of every task of `section_group` (a paper's table with one column per task),
+        asked once per group of the first of its tasks present; none by default."""
         return []
 
     @abc.abstractmethod

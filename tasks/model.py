@@ -285,3 +285,64 @@ class MixerModel(nn.Module):
         """The decoder state of every mixer at `context` tokens, batch 1 (Based's recall-vs-state x axis)."""
         cfg = self.cfg
         return int(sum(m.state_bytes(1, cfg.n_heads, context, cfg.head_dim, dtype) for m in self.mixers()))
+
+
+class DualEncoderClassifier(nn.Module):
+    """Two-tower pair classifier (LRA Retrieval): one shared encoder reads both documents, then
+    [u, v, u*v, u-v] -> MLP -> n_classes, as LRA's dual encoder combines its two pooled encodings.
+
+    The towers are one `MixerModel` body (`cfg.head="classify"`, `causal=False`), called once per document,
+    so they share every weight by construction; its head keeps the pooling (mean over non-pad tokens or
+    CLS) and its projection is replaced by Identity, so the body returns the pooled vector and holds no
+    unused parameters. The classifier is LRA's: Linear(4d, hidden) -> ReLU -> Linear(hidden, n_classes),
+    `hidden` = the blocks' MLP width (mlp_ratio * d_model) or d_model when there is no MLP.
+
+    Input layout, so that `tasks.trainer` can slice batches from one tensor unchanged:
+    (B, 2, L) (`LRAPairData.stacked()`), or (B, 2L) (`LRAPairData.concatenated()`, split in the middle;
+    with it the trainer's tokens/s, batch * shape[1], counts both documents), or a pair (x1, x2).
+    `cfg.max_len` is the length of one document.
+    """
+
+    def __init__(self, cfg: ModelConfig, make_attention: AttentionFactory, hidden: int | None = None):
+        super().__init__()
+        if cfg.head != "classify" or cfg.causal:
+            raise ValueError("DualEncoderClassifier needs ModelConfig(head='classify', causal=False, ...)")
+        self.cfg = cfg
+        self.body = MixerModel(cfg, make_attention)
+        self.body.head.proj = nn.Identity()  # the body pools; the pair MLP classifies
+        hidden = hidden or (cfg.mlp_ratio * cfg.d_model if cfg.mlp_ratio > 0 else cfg.d_model)
+        self.classifier = nn.Sequential(
+            nn.Linear(4 * cfg.d_model, hidden), nn.ReLU(), nn.Linear(hidden, cfg.n_classes)
+        )
+
+    @staticmethod
+    def split_pair(x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x1, x2) from a pair, a (B, 2, L) tensor or a (B, 2L) tensor."""
+        if isinstance(x, (tuple, list)):
+            x1, x2 = x
+            return x1, x2
+        if x.dim() == 3 and x.shape[1] == 2:
+            return x[:, 0], x[:, 1]
+        if x.dim() == 2 and x.shape[1] % 2 == 0:
+            half = x.shape[1] // 2
+            return x[:, :half], x[:, half:]
+        raise ValueError(f"a pair batch is (B, 2, L), (B, 2L) or (x1, x2); got shape {tuple(x.shape)}")
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pooled encoding (B, d_model) of one document per row."""
+        return self.body(tokens)
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(B, n_classes) logits for the pairs of `x`."""
+        x1, x2 = self.split_pair(x)
+        u, v = self.encode(torch.cat([x1, x2])).chunk(2)  # one body call for both towers: same weights, one pass
+        return self.classifier(torch.cat([u, v, u * v, u - v], dim=-1))
+
+    def labelled_logits(
+        self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, n_classes), labels (B,)): the trainer's loss and evaluation read these."""
+        return self.forward(x), labels
+
+    def mixers(self) -> list[Attention]:
+        return self.body.mixers()

@@ -31,24 +31,33 @@ TITLE = "attnbench leaderboard"
 
 
 def task_parts(df: pd.DataFrame, out: Path) -> list[Part]:
-    """Each registered task's own sections (`Task.report_sections`), from its rows of every status.
+    """Each registered task's own sections (`Task.report_sections`), from its rows of every status, then each
+    section group's shared sections (`Task.group_sections`) from the rows of all its tasks.
 
     A task whose section fails on these rows (rows of an older version of the task) gets a part that says
     so, with the error, rather than stopping the whole report.
     """
     parts: list[Part] = []
+    groups: dict[str, list[str]] = {}
     for task in sorted(df["_task"].unique()):
         if task not in TASKS:
             continue
-        rows = df[df["_task"] == task]
-        rows = rows.drop(columns=[c for c in rows.columns if c.startswith("_")])
-        try:
-            sections = TASKS[task].report_sections(rows, out)
-        except Exception as err:  # a task's code on old rows: say so, keep the rest of the report
-            parts.append(Part(f"{task}: section not drawn", text=[f"{type(err).__name__}: {err}".splitlines()[0]]))
-            continue
-        parts += [section_part(s) for s in sections]
+        if TASKS[task].section_group:
+            groups.setdefault(TASKS[task].section_group, []).append(task)
+        parts += sections_of(task, lambda rows, t=task: TASKS[t].report_sections(rows, out), df[df["_task"] == task])
+    for group, tasks in groups.items():
+        rows = df[df["_task"].isin(tasks)]
+        parts += sections_of(group, lambda rows, t=tasks[0]: TASKS[t].group_sections(rows, out), rows)
     return parts
+
+
+def sections_of(name: str, make, rows: pd.DataFrame) -> list[Part]:
+    """The parts of one task's (or group's) sections; a part that says so when its code fails on these rows."""
+    rows = rows.drop(columns=[c for c in rows.columns if c.startswith("_")])
+    try:
+        return [section_part(s) for s in make(rows)]
+    except Exception as err:  # a task's code on old rows: say so, keep the rest of the report
+        return [Part(f"{name}: section not drawn", text=[f"{type(err).__name__}: {err}".splitlines()[0]])]
 
 
 def report_parts(df: pd.DataFrame, results_dir: Path, out: Path, corrupt: list[tuple[str, str]],
