@@ -28,9 +28,7 @@ def _registry_keys(task: str) -> list[str]:
 
 def _registry_metrics(task: str) -> list[dict]:
     spec = TASKS.get(task)
-    if spec is None:
-        return []
-    return [{**m.as_dict(), "headline": m.name == spec.headline} for m in spec.metrics]
+    return spec.declarations() if spec else []
 
 
 def _is_list(v: object) -> bool:

@@ -66,7 +66,7 @@ def classify(err: BaseException) -> tuple[str, str]:
 
 def metric_declarations(task: Task) -> str:
     """The task's metric columns as JSON (unit, direction, how compare judges them, which is the headline)."""
-    return json.dumps([{**m.as_dict(), "headline": m.name == task.headline} for m in task.metrics])
+    return json.dumps(task.declarations())
 
 
 def base_row(cell: Cell, settings: RunSettings) -> dict:

@@ -91,6 +91,14 @@ class SummaryColumn:
         return f"{self.metric.header} @ {self.where}" if self.where else self.metric.header
 
 
+def headline_mean(metric: Metric, ok: pd.DataFrame) -> list[SummaryColumn]:
+    """The default summary column: a metric's mean per (method, impl) over the ok rows that have it."""
+    if ok.empty or metric.name not in ok.columns:
+        return []
+    values = pd.to_numeric(ok[metric.name], errors="coerce").groupby([ok["method"], ok["impl"]]).mean()
+    return [SummaryColumn(metric, "mean over cells", values.dropna())]
+
+
 @dataclass
 class Section:
     """A task's part of the report: a heading, some text, a table of text cells and figures."""
@@ -217,10 +225,11 @@ class Task(abc.ABC):
 
     def summary(self, ok: pd.DataFrame) -> list[SummaryColumn]:
         """The summary table's columns from this task's ok rows: by default the headline metric's mean per impl."""
-        if not self.headline or ok.empty or self.headline not in ok.columns:
-            return []
-        values = pd.to_numeric(ok[self.headline], errors="coerce").groupby([ok["method"], ok["impl"]]).mean()
-        return [SummaryColumn(self.metric(self.headline), "mean over cells", values.dropna())]
+        return headline_mean(self.metric(self.headline), ok) if self.headline else []
+
+    def declarations(self) -> list[dict]:
+        """The metric declarations a row carries (its `metrics` column): each Metric, and which is the headline."""
+        return [{**m.as_dict(), "headline": m.name == self.headline} for m in self.metrics]
 
     def report_sections(self, rows: pd.DataFrame, out_dir: Path) -> list[Section]:
         """Sections beyond the generic per-cell tables (heat maps, a paper-layout table, ...); none by default."""

@@ -22,7 +22,7 @@ from bench.report.document import Part, Table
 from bench.report.format import MISSING, fmt_metric, metric_header
 from bench.report.rows import row_metrics
 from tasks import TASKS
-from tasks.base import SummaryColumn
+from tasks.base import SummaryColumn, headline_mean
 
 RULE = (
     "Ranked by mean rank: each column ranks the rows that have a value in it, in its metric's direction "
@@ -45,10 +45,7 @@ def default_columns(task: str, ok: pd.DataFrame) -> list[SummaryColumn]:
     """For a task the registry does not know: its declared headline's mean per (method, impl)."""
     metrics, headline = row_metrics(ok)
     metric = next((m for m in metrics if m.name == headline), None)
-    if metric is None or headline not in ok.columns:
-        return []
-    values = pd.to_numeric(ok[headline], errors="coerce").groupby([ok["method"], ok["impl"]]).mean().dropna()
-    return [SummaryColumn(metric, "mean over cells", values)]
+    return [] if metric is None else headline_mean(metric, ok)
 
 
 def summarise(df: pd.DataFrame) -> tuple[list[TaskSummary], list[str]]:
