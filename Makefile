@@ -12,7 +12,7 @@ ARGS    ?=
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[dev,lm]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -28,7 +28,8 @@ def listing(device: torch.device | None = None) -> str:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lines = [f"methods (availability on {device}):"]
     for spec in METHODS.values():
-        lines.append(f"  {spec.name} [{spec.family}] - {spec.description} ({spec.source})")
+        swap = ", training-free" if spec.training_free else ""
+        lines.append(f"  {spec.name} [{spec.family}{swap}] - {spec.description} ({spec.source})")
         for impl in spec.impls.values():
             reason = unavailable_reason(spec.name, impl.name, device)
             status = "available" if reason is None else f"unavailable: {reason}"

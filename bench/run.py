@@ -111,6 +111,7 @@ def run(cfg: DictConfig, cli_task_keys: tuple[str, ...] = ()) -> list[dict]:
         force=bool(cfg.force),
         measure_memory=bool(cfg.measure_memory),
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        cache_dir=Path(cfg.cache_dir).absolute() if cfg.get("cache_dir") else None,
     )
     rows = run_cells(cells, settings)
     counts = collections.Counter(r["status"] for r in rows)

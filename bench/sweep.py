@@ -37,6 +37,7 @@ class RunSettings:
     force: bool = False
     measure_memory: bool = True
     config_yaml: str = ""
+    cache_dir: Path | None = None  # shared by runs (trained models a later cell reuses)
 
 
 def one_line(err: BaseException) -> str:
@@ -116,6 +117,7 @@ def measure_cell(cell: Cell, settings: RunSettings) -> dict:
             peak_tflops=settings.profile.peak_for(cell.point.get("dtype", "float32")),
             measure_memory=settings.measure_memory,
             checkpoint_dir=settings.results_dir / "checkpoints",
+            cache_dir=settings.cache_dir,
         )
         row.update(task.run_cell(cell, lambda: build(cell.method, impl=cell.impl, **params), ctx))
         row["status"], row["reason"] = "ok", ""

@@ -552,6 +552,7 @@ PERFORMER_PARAMS = (
 )
 
 method("performer", family="linear", exact=False, params=PERFORMER_PARAMS,
+       training_free=True,  # FAVOR+ estimates softmax's kernel without bias: the paper swaps it into trained models
        description="FAVOR+ positive orthogonal random features (unbiased estimate of softmax's kernel)",
        source='Choromanski et al. 2021, "Rethinking Attention with Performers"')  # fmt: skip
 

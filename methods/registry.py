@@ -144,6 +144,9 @@ class MethodSpec:
     params: tuple[Param, ...] = ()
     # Constraints between parameters: given the complete, typed params, None or what is wrong.
     check: Callable[[Mapping[str, Any]], str | None] | None = None
+    # Can replace exact softmax in a model trained with softmax, with no training (the `lm_swap` protocol
+    # of SEA, HyperAttention, StreamingLLM, MInference): the output approximates softmax's, not a new function.
+    training_free: bool = False
     impls: dict[str, ImplSpec] = field(default_factory=dict)
 
     def defaults(self) -> dict[str, Any]:
@@ -152,6 +155,7 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {}
+TRAINING_FREE_FAMILIES = ("exact", "sparse")  # families whose methods default to `training_free`
 
 
 def method(
@@ -162,14 +166,22 @@ def method(
     exact: bool = True,
     params: tuple[Param, ...] = (),
     check: Callable[[Mapping[str, Any]], str | None] | None = None,
+    training_free: bool | None = None,
 ) -> MethodSpec:
-    """Declare a method once, with its parameters, before registering its implementations."""
+    """Declare a method once, with its parameters, before registering its implementations.
+
+    `training_free` defaults to True for the exact and sparse families (they compute softmax over all or
+    some keys, so a softmax-trained model can use them as they are) and False otherwise; a method of
+    another family that approximates softmax's output says so explicitly.
+    """
+    if training_free is None:
+        training_free = family in TRAINING_FREE_FAMILIES
     if name in METHODS:
         raise ValueError(f"method {name!r} registered twice")
     names = [p.name for p in params]
     if len(set(names)) != len(names):
         raise ValueError(f"method {name!r} declares a parameter twice: {names}")
-    METHODS[name] = MethodSpec(name, family, description, source, exact, tuple(params), check)
+    METHODS[name] = MethodSpec(name, family, description, source, exact, tuple(params), check, training_free)
     return METHODS[name]
 
 

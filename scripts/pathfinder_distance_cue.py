@@ -9,20 +9,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from tasks.pathfinder_data import INK_THRESHOLD, _components, make_pathfinder  # noqa: E402
+from tasks.pathfinder_data import DRAW, _analyse, make_pathfinder  # noqa: E402
 
 
-def marker_dist(images):
-    b, h, w = images.shape
-    ink = images > INK_THRESHOLD
-    inkf = F.pad(ink.float().unsqueeze(1), (1, 1, 1, 1), value=0.0)
-    core = ((-F.max_pool2d(-inkf, 3, stride=1)).squeeze(1) > 0.5) & ink
-    ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, h, w)
-    blob = _components(core, 1)
-    roots = torch.nonzero(core & (blob == ids)).view(-1, 2, 3)
-    return (roots[:, 0, 1:] - roots[:, 1, 1:]).float().norm(dim=-1)
+def marker_dist(images: torch.Tensor) -> torch.Tensor:
+    return _analyse(images, DRAW[images.shape[1]].link)[3]
 
 res, length = int(sys.argv[1]), int(sys.argv[2])
 tr, te = make_pathfinder(1000, res, length, 1), make_pathfinder(1000, res, length, 2)

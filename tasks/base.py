@@ -99,6 +99,17 @@ def headline_mean(metric: Metric, ok: pd.DataFrame) -> list[SummaryColumn]:
     return [SummaryColumn(metric, "mean over cells", values.dropna())]
 
 
+def quality_with_latency(task: Task, at: pd.DataFrame, quality: str, where: str) -> list[SummaryColumn]:
+    """A trained task's summary: its quality metric's mean per (method, impl) over the rows `at`, and the
+    forward latency over the same rows (only an axis of the task's Pareto plot, not a table column)."""
+    by_impl = [at["method"], at["impl"]]
+    return [
+        SummaryColumn(task.metric(quality), where, pd.to_numeric(at[quality]).groupby(by_impl).mean()),
+        SummaryColumn(task.metric("latency_ms"), where, pd.to_numeric(at["latency_ms"]).groupby(by_impl).mean(),
+                      in_table=False),
+    ]
+
+
 @dataclass
 class Section:
     """A task's part of the report: a heading, some text, a table of text cells and figures."""
@@ -148,6 +159,7 @@ class RunContext:
     peak_tflops: float | None = None  # hardware profile's dense peak for the cell's dtype
     measure_memory: bool = True
     checkpoint_dir: Path | None = None  # trained tasks checkpoint here, so an interrupted cell resumes
+    cache_dir: Path | None = None  # kept across runs: trained models another task reuses (lm -> lm_swap)
 
 
 def torch_dtype(name: str) -> torch.dtype:

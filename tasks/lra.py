@@ -29,10 +29,21 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from bench.measure.checks import measure_call
 from methods import get_impl
-from tasks.base import LATENCY, PEAK_MEMORY, AttentionFactory, Cell, Metric, RunContext, Section, SummaryColumn, Task
-from tasks.model import DualEncoderClassifier, MixerModel, ModelConfig, check_trainable
+from tasks.base import (
+    LATENCY,
+    PEAK_MEMORY,
+    AttentionFactory,
+    Cell,
+    Metric,
+    RunContext,
+    Section,
+    SummaryColumn,
+    Task,
+    quality_with_latency,
+)
+from tasks.model import DualEncoderClassifier, MixerModel, ModelConfig, check_trainable, forward_latency
+from tasks.presets import check_ints, resolve_preset
 from tasks.trainer import TrainConfig, Trainer, evaluate
 
 # LRA's columns, in the paper's order, and the task that fills each.
@@ -119,20 +130,8 @@ class ClassificationTask(Task):
 
     def normalise_point(self, point: dict) -> dict | None:
         """Resolve the preset (explicit keys win), validate, and derive the shape columns every row has."""
-        point = dict(point)
-        presets = point.pop("presets", None) or {}
-        preset = point.get("preset")
-        if preset not in presets:
-            raise ValueError(f"{self.name}: unknown preset {preset!r}; choose from: {', '.join(presets) or 'none'}")
-        for key, value in presets[preset].items():
-            if point.get(key) is None:
-                point[key] = value
-        missing = [k for k in self.keys if k not in point and k != "presets"]
-        if missing:
-            raise ValueError(f"{self.name}: preset {preset} lacks {', '.join(missing)} (conf/task/{self.name}.yaml)")
-        for key in INT_KEYS:
-            if not isinstance(point[key], int) or point[key] < (0 if key == "mlp_ratio" else 1):
-                raise ValueError(f"{self.name}: {key} must be an int >= {0 if key == 'mlp_ratio' else 1}, got {point[key]!r}")
+        point = resolve_preset(self.name, point, self.keys)
+        check_ints(self.name, point, INT_KEYS, zero_ok=("mlp_ratio",))
         if not float(point["lr"]) > 0:
             raise ValueError(f"{self.name}: lr must be > 0, got {point['lr']!r}")
         point["lr"] = float(point["lr"])
@@ -174,9 +173,6 @@ class ClassificationTask(Task):
         result = Trainer(train_cfg, ctx.device).fit(model, data.train, data.validation)
         test_x, test_y = data.test
         test = evaluate(model, test_x, test_y, pt["batch_size"], ctx.device)
-        batch = test_x[: pt["batch_size"]].to(ctx.device)
-        model.eval()
-        timed = measure_call(torch.no_grad()(lambda: model(batch)), ctx.device, ctx.timing, measure_memory=False)
         return {
             "accuracy": test["accuracy"],
             "majority_rate": majority_rate(test_y),
@@ -190,7 +186,7 @@ class ClassificationTask(Task):
             "peak_mem_bytes": result.peak_mem_bytes,
             "peak_mem_note": result.peak_mem_note,
             "n_params": sum(p.numel() for p in model.parameters()),
-            **{k: v for k, v in timed.items() if k.startswith("latency") or k in ("repeats", "threads")},
+            **forward_latency(model, test_x[: pt["batch_size"]], ctx),
         }
 
     def summary(self, ok: pd.DataFrame) -> list[SummaryColumn]:
@@ -198,12 +194,8 @@ class ClassificationTask(Task):
         if ok.empty:
             return []
         at = ok[ok["n_train"].eq(ok["n_train"].max())]
-        by_impl = [at["method"], at["impl"]]
         where = f"preset {', '.join(sorted(at['preset'].astype(str).unique()))}, test split, mean over seeds"
-        return [
-            SummaryColumn(self.metric("accuracy"), where, at["accuracy"].groupby(by_impl).mean()),
-            SummaryColumn(self.metric("latency_ms"), where, at["latency_ms"].groupby(by_impl).mean(), in_table=False),
-        ]
+        return quality_with_latency(self, at, "accuracy", where)
 
     def group_sections(self, rows: pd.DataFrame, out_dir: Path) -> list[Section]:
         """LRA's table: methods x tasks + average (test accuracy, %), the published rows beside ours."""

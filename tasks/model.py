@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import Attention, Capabilities, Unsupported
-from tasks.base import AttentionFactory
+from tasks.base import AttentionFactory, RunContext
 
 POSITIONS = ("learned", "none")
 HEADS = ("lm", "classify")
 POOLINGS = ("mean", "cls")
+INITS = ("default", "gpt2")
 IGNORE_INDEX = -100  # a label that is not a target (torch's cross-entropy default)
 TRAIN_DTYPE = "float32"  # trained tasks train in float32; the mixer must support it
 
@@ -56,6 +57,11 @@ class ModelConfig:
     n_classes: int = 0  # classify only
     pooling: str = "mean"  # classify only: mean | cls
     pad_id: int | None = None  # classify + mean only: tokens with this id are left out of the mean
+    # nanoGPT's knobs (the `lm` task sets them; the defaults leave the other tasks' models as they were):
+    dropout: float = 0.0  # after the embedding and on each residual branch (not inside the method)
+    bias: bool = True  # biases in the linear layers and LayerNorms (nanoGPT: False)
+    tie_embeddings: bool = False  # lm head: the output projection is the token embedding (nanoGPT: True)
+    init: str = "default"  # default (PyTorch's) | gpt2: N(0, 0.02), residual projections / sqrt(2 n_layers)
 
     def __post_init__(self) -> None:
         for key in ("vocab", "max_len", "d_model", "n_layers", "n_heads"):
@@ -65,6 +71,12 @@ class ModelConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.mlp_ratio < 0 or self.conv_kernel < 0:
             raise ValueError(f"mlp_ratio and conv_kernel must be >= 0, got {self.mlp_ratio}, {self.conv_kernel}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose from: {', '.join(INITS)}")
+        if self.tie_embeddings and self.head != "lm":
+            raise ValueError("tie_embeddings needs head='lm' (the output projection is over the vocabulary)")
         if self.positions not in POSITIONS:
             raise ValueError(f"unknown positions {self.positions!r}; choose from: {', '.join(POSITIONS)}")
         if self.head not in HEADS:
@@ -84,6 +96,17 @@ class ModelConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def forward_latency(model: nn.Module, batch: torch.Tensor, ctx: RunContext) -> dict:
+    """Latency columns of the trained model's forward pass on one batch (the cost axis of a trained task's
+    Pareto plot), in eval mode and without autograd, as a user would run it."""
+    from bench.measure.checks import measure_call  # the measurement layer, only when a cell measures
+
+    model.eval()
+    batch = batch.to(ctx.device)
+    timed = measure_call(torch.no_grad()(lambda: model(batch)), ctx.device, ctx.timing, measure_memory=False)
+    return {k: v for k, v in timed.items() if k.startswith("latency") or k in ("repeats", "threads")}
 
 
 def check_trainable(capabilities: Capabilities, label: str, causal: bool = True) -> None:
@@ -153,9 +176,9 @@ class MixerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, attn: Attention):
         super().__init__()
         self.n_heads, self.head_dim, self.causal = cfg.n_heads, cfg.head_dim, cfg.causal
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.attn = attn
-        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -165,35 +188,41 @@ class MixerLayer(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: [short conv] -> mixer -> [MLP]."""
+    """Pre-norm residual block: [short conv] -> mixer -> [MLP], dropout on each residual branch (nanoGPT's)."""
 
     def __init__(self, cfg: ModelConfig, attn: Attention):
         super().__init__()
         self.conv = ShortConv(cfg.d_model, cfg.conv_kernel, cfg.causal) if cfg.conv_kernel > 0 else None
-        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.norm1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mixer = MixerLayer(cfg, attn)
+        self.drop = nn.Dropout(cfg.dropout)
         self.mlp = None
         if cfg.mlp_ratio > 0:
             hidden = cfg.mlp_ratio * cfg.d_model
-            self.norm2 = nn.LayerNorm(cfg.d_model)
-            self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model))
+            self.norm2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+            self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden, bias=cfg.bias), nn.GELU(),
+                                     nn.Linear(hidden, cfg.d_model, bias=cfg.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
         if self.conv is not None:
             h = self.conv(h)
-        x = x + self.mixer(h)
+        x = x + self.drop(self.mixer(h))
         if self.mlp is not None:
-            x = x + self.mlp(self.norm2(x))
+            x = x + self.drop(self.mlp(self.norm2(x)))
         return x
+
+    def residual_projections(self) -> list[nn.Linear]:
+        """The layers that write into the residual stream (GPT-2 scales their init by 1/sqrt(2 n_layers))."""
+        return [self.mixer.out] + ([self.mlp[2]] if self.mlp is not None else [])
 
 
 class LMHead(nn.Module):
     """Next-token logits over the vocabulary at every position; labels are per token (IGNORE_INDEX: none)."""
 
-    def __init__(self, d_model: int, vocab: int):
+    def __init__(self, d_model: int, vocab: int, bias: bool = True):
         super().__init__()
-        self.proj = nn.Linear(d_model, vocab)
+        self.proj = nn.Linear(d_model, vocab, bias=bias)
 
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden)  # (B, N, vocab)
@@ -244,6 +273,7 @@ class MixerModel(nn.Module):
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab, cfg.d_model)
         self.pos = nn.Embedding(cfg.max_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
         blocks = []
         for _ in range(cfg.n_layers):
             attn = make_attention()
@@ -251,11 +281,32 @@ class MixerModel(nn.Module):
             materialise(attn, cfg.n_heads, cfg.max_len, cfg.head_dim, cfg.causal)
             blocks.append(Block(cfg, attn))
         self.blocks = nn.ModuleList(blocks)
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         if cfg.head == "lm":
-            self.head: LMHead | PooledClassifierHead = LMHead(cfg.d_model, cfg.vocab)
+            # nanoGPT's head has no bias; a tied head shares the embedding, so a bias would be its only own weight
+            bias = cfg.bias and not cfg.tie_embeddings
+            self.head: LMHead | PooledClassifierHead = LMHead(cfg.d_model, cfg.vocab, bias=bias)
+            if cfg.tie_embeddings:
+                self.head.proj.weight = self.tok.weight
         else:
             self.head = PooledClassifierHead(cfg.d_model, cfg.n_classes, cfg.pooling, cfg.pad_id)
+        if cfg.init == "gpt2":
+            self._init_gpt2()
+
+    def _init_gpt2(self) -> None:
+        """GPT-2's (and nanoGPT's) init, on the model's own layers only: a method's internal weights keep the
+        method's init (they are part of what the method is)."""
+        own = [self.tok, self.pos, self.head.proj] + [m for b in self.blocks for m in (b.mixer.qkv, b.mixer.out)]
+        own += [m for b in self.blocks if b.mlp is not None for m in b.mlp if isinstance(m, nn.Linear)]
+        for module in own:
+            if module is None:
+                continue
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for proj in block.residual_projections():
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / (2 * self.cfg.n_layers) ** 0.5)
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states (B, N, D)."""
@@ -265,6 +316,7 @@ class MixerModel(nn.Module):
         x = self.tok(tokens)
         if self.pos is not None:
             x = x + self.pos(torch.arange(n, device=tokens.device))
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)

@@ -29,6 +29,12 @@ has exactly two markers, (b) its linked components are exactly its paths (no pat
 within `link`, in either class, so touching is no shortcut), and (c) the checker's verdict equals the
 intended label. Rejected slots are redrawn, so the checker agrees with every label returned.
 
+No shortcut through the markers' distance: a positive's markers are the two ends of one path, a
+negative's the starts of two, so left alone negatives sit farther apart (a threshold on the distance
+scored 0.70 held out at 16x16). Valid candidates are therefore kept in pairs, a positive with a negative
+whose markers are exactly as far apart (`_pair_by_distance`), and the classes' distance histograms are
+equal value for value (`scripts/pathfinder_distance_cue.py`: 0.500).
+
 How paths are made (as Linsley et al.'s generator places contours clear of each other, not by blind
 rejection): each path's shape is the most compact (bounding-box area, randomly weighted) of `tries`
 random shapes that fit the canvas and whose two ends are at least min(contour/4, room/3) apart (no
@@ -133,10 +139,11 @@ def _components(mask: torch.Tensor, link: int) -> torch.Tensor:
             return lab
 
 
-def _analyse(images: torch.Tensor, link: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image: number of linked ink components, number of markers, and whether the markers are joined.
+def _analyse(images: torch.Tensor, link: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image: linked ink components, markers, whether the markers are joined, and their distance.
 
-    `joined` is only meaningful where exactly two markers were found (False elsewhere).
+    `joined` and `distance` (Euclidean, between the markers' centroids, in pixels) are only meaningful
+    where exactly two markers were found (False and NaN elsewhere).
     """
     b, h, w = images.shape
     ink = images > INK_THRESHOLD
@@ -151,14 +158,23 @@ def _analyse(images: torch.Tensor, link: int) -> tuple[torch.Tensor, torch.Tenso
     roots = core & (blob == ids)
     n_blobs = roots.sum(dim=(1, 2))
     joined = torch.zeros(b, dtype=torch.bool)
+    distance = torch.full((b,), float("nan"))
     two = n_blobs == 2
     if two.any():
         idx = torch.nonzero(roots & two.view(b, 1, 1))  # (2 * k, 3), sorted by image
         idx = idx.view(-1, 2, 3)
-        first = comp[idx[:, 0, 0], idx[:, 0, 1], idx[:, 0, 2]]
-        second = comp[idx[:, 1, 0], idx[:, 1, 1], idx[:, 1, 2]]
-        joined[idx[:, 0, 0]] = first == second
-    return n_comp, n_blobs, joined
+        img = idx[:, 0, 0]
+        first = comp[img, idx[:, 0, 1], idx[:, 0, 2]]
+        second = comp[img, idx[:, 1, 1], idx[:, 1, 2]]
+        joined[img] = first == second
+        yx = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), dim=-1).float()
+        centres = []
+        for j in range(2):
+            root_id = ids[0, idx[:, j, 1], idx[:, j, 2]].view(-1, 1, 1)
+            member = (blob[img] == root_id).float().unsqueeze(-1)  # (k, h, w, 1): that marker's core
+            centres.append((member * yx).sum(dim=(1, 2)) / member.sum(dim=(1, 2)))
+        distance[img] = (centres[0] - centres[1]).norm(dim=-1)
+    return n_comp, n_blobs, joined, distance
 
 
 def connected(image: np.ndarray | torch.Tensor, link: int | None = None) -> bool:
@@ -174,7 +190,7 @@ def connected(image: np.ndarray | torch.Tensor, link: int | None = None) -> bool
             raise ValueError(f"link must be given for a {img.shape[0]}x{img.shape[1]} image (known: {sorted(DRAW)})")
         link = DRAW[img.shape[0]].link
     link = _check_int("link", link, 1)
-    _, n_blobs, joined = _analyse(img.unsqueeze(0), link)
+    _, n_blobs, joined, _ = _analyse(img.unsqueeze(0), link)
     if int(n_blobs[0]) != 2:
         raise ValueError(f"image must hold exactly 2 markers, found {int(n_blobs[0])}")
     return bool(joined[0])
@@ -258,6 +274,41 @@ def _draw(labels: np.ndarray, s: int, length: int, n_paths: int, p: DrawParams,
     return (ink.numpy() * 255).astype(np.uint8), placed
 
 
+def _pair_by_distance(slots: np.ndarray, labels: np.ndarray, distance: np.ndarray,
+                      rng: np.random.Generator, positives_open: bool) -> np.ndarray:
+    """Which valid candidates to keep: positives and negatives in equal numbers per marker distance.
+
+    A positive's markers are the two ends of one path, a negative's the starts of two paths, so left
+    alone the markers' distance gives the label away (negatives sit farther apart). Keeping a positive
+    only with a negative whose markers are as far apart makes the two classes' distance histograms
+    equal, value for value (centroids of symmetric markers lie on the pixel lattice, so the distances
+    take few exact values and need no binning): the distance then says nothing about the label. At most one candidate per
+    slot; the odd negative of an odd `n` is the only one ever kept unpaired (once no positive is open).
+    """
+    order = rng.permutation(len(slots))
+    bins = np.round(distance[order] ** 2, 1)  # the squared distance itself: a lattice value, no bin width
+    used: set[int] = set()
+    chosen: list[int] = []
+    for b in rng.permutation(np.unique(bins)):
+        in_bin = order[bins == b]
+        pos, neg = [], []
+        for i in in_bin:
+            s = int(slots[i])
+            if s not in used:
+                (pos if labels[i] else neg).append(i)
+                used.add(s)
+        k = min(len(pos), len(neg))
+        chosen += pos[:k] + neg[:k]
+        for i in pos[k:] + neg[k:]:  # unpaired: free the slot for another bin
+            used.discard(int(slots[i]))
+    if not positives_open:  # only the odd negative is still open: nothing to pair it with
+        first = {}
+        for i in order:
+            first.setdefault(int(slots[i]), i)
+        chosen += [i for s, i in first.items() if s not in used]
+    return np.asarray(chosen, dtype=np.int64)
+
+
 def make_pathfinder(n: int, resolution: int = 32, contour_length: int = 14, seed: int = 0,
                     distractors: int | None = None) -> PathfinderData:
     """`n` Pathfinder images with balanced labels (module docstring), a pure function of its arguments.
@@ -287,14 +338,14 @@ def make_pathfinder(n: int, resolution: int = 32, contour_length: int = 14, seed
         slots = np.repeat(todo, reps)
         cand, placed = _draw(labels[slots], resolution, length, n_paths, p, rng)
         keep = np.flatnonzero(placed)  # only placed candidates are worth checking
-        n_comp, n_blobs, joined = _analyse(torch.from_numpy(cand[keep]), p.link)
+        n_comp, n_blobs, joined, distance = _analyse(torch.from_numpy(cand[keep]), p.link)
         ok = ((n_comp.numpy() == n_paths) & (n_blobs.numpy() == 2)
               & (joined.numpy() == labels[slots[keep]].astype(bool)))
         good = keep[ok]
-        _, first = np.unique(slots[good], return_index=True)  # first accepted candidate per slot
-        chosen = good[first]
-        images[slots[chosen]] = cand[chosen]
-        todo = np.setdiff1d(todo, slots[chosen])
+        chosen = _pair_by_distance(slots[good], labels[slots[good]], distance.numpy()[ok], rng,
+                                   positives_open=bool(labels[todo].any()))
+        images[slots[good[chosen]]] = cand[good[chosen]]
+        todo = np.setdiff1d(todo, slots[good[chosen]])
         if len(todo) == 0:
             return PathfinderData(torch.from_numpy(images), torch.from_numpy(labels))
     raise RuntimeError(f"make_pathfinder: could not draw {len(todo)} of {n} images at resolution={resolution}, "

@@ -61,6 +61,7 @@ class TrainConfig:
     warmup_frac: float = 0.1  # linear warm-up over this fraction of `steps`, then cosine to min_lr_frac * lr
     min_lr_frac: float = 0.0
     weight_decay: float = 0.1
+    decay_embeddings: bool = False  # nanoGPT decays every 2-D weight, embeddings included; our default spares them
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     eval_every: int = 100  # steps between held-out evaluations (and the last step)
@@ -73,6 +74,7 @@ class TrainConfig:
     checkpoint_path: str | None = None  # resume from it when it exists; write it every checkpoint_every steps
     checkpoint_every: int = 0  # 0: only at evaluations (when a path is set)
     progress: bool | None = None  # None: a tqdm bar on a TTY unless CI=true
+    autocast: torch.dtype | None = None  # mixed precision for the training step's forward, on CUDA only (bf16)
 
     def __post_init__(self) -> None:
         if self.metric not in EVAL_METRICS:
@@ -89,14 +91,14 @@ class TrainResult:
     steps: int  # optimizer steps taken in total (including before a resume)
     stopped: str  # target | budget | steps
     metric: str  # the eval metric that chose `best`
-    best: dict  # the best evaluation on `metric`: step, train_loss, lr, accuracy, loss, perplexity
+    best: dict  # the best evaluation on `metric`: step, train_loss, lr, accuracy, loss, perplexity, seconds
     final: dict  # the last evaluation, same keys
     final_train_loss: float  # mean training loss over the last evaluation interval
     train_seconds: float  # wall time of this process's training loop, evaluation included
     tokens_per_s: float | None  # training tokens per second of step time (the profiled step excluded)
     peak_mem_bytes: int | None
     peak_mem_note: str
-    history: list[dict] = field(default_factory=list)  # every evaluation, in order
+    history: list[dict] = field(default_factory=list)  # every evaluation, in order (seconds: training wall time so far)
 
     @property
     def best_step(self) -> int:
@@ -213,8 +215,9 @@ class Trainer:
         self._order, self._order_epoch = torch.empty(0, dtype=torch.long), -1
 
     def _optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-        """AdamW with no weight decay on biases, norms and embeddings (nanoGPT's split)."""
-        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        """AdamW with no weight decay on biases and norms, nor on embeddings unless `decay_embeddings`."""
+        embeddings = set() if self.cfg.decay_embeddings else {
+            id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         decay, no_decay = [], []
         for p in model.parameters():
             if p.requires_grad:
@@ -297,6 +300,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(device)
         tokens_per_step = cfg.batch_size * train[0].shape[1]
         started = time.perf_counter()
+        seconds_before = float(history[-1].get("seconds", 0.0)) if history else 0.0  # a resumed run's earlier time
         step_seconds, timed_steps, losses = 0.0, 0, []
         stopped = "steps"
         bar = None
@@ -305,9 +309,12 @@ class Trainer:
 
             bar = tqdm(total=cfg.steps, initial=step, desc="train", leave=False)
 
+        use_autocast = cfg.autocast is not None and device.type == "cuda"
+
         def one_step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
-            loss = self.loss_fn(model, xb, yb)
+            with torch.autocast(device.type, dtype=cfg.autocast, enabled=use_autocast):
+                loss = self.loss_fn(model, xb, yb)
             loss.backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -340,7 +347,8 @@ class Trainer:
             over_budget = cfg.time_budget_s is not None and time.perf_counter() - started > cfg.time_budget_s
             if step % cfg.eval_every == 0 or step == cfg.steps or over_budget:
                 record = {"step": step, "train_loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0],
-                          **evaluate(model, *held_out, cfg.eval_batch_size, device)}
+                          **evaluate(model, *held_out, cfg.eval_batch_size, device),
+                          "seconds": seconds_before + time.perf_counter() - started}
                 losses = []
                 history.append(record)
                 if improves(cfg.metric, record[cfg.metric], None if best is None else best[cfg.metric]):

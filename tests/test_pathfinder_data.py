@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -9,28 +11,29 @@ import torch
 from tasks.pathfinder_data import DIFFICULTIES, DRAW, PathfinderData, connected, make_pathfinder, plot_examples
 
 
-def _blobs(image: np.ndarray) -> int:
-    """Markers counted independently of the module: 8-connected groups of pixels with a full 3x3 of ink."""
+def _blobs(image: np.ndarray) -> list[list[tuple[int, int]]]:
+    """Markers found independently of the module: 8-connected groups of pixels with a full 3x3 of ink."""
     ink = image > 127
     h, w = ink.shape
     core = np.zeros_like(ink)
     core[1:-1, 1:-1] = np.all([ink[1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx]
                                for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
-    seen, count = np.zeros_like(core), 0
+    seen, blobs = np.zeros_like(core), []
     for y, x in zip(*np.nonzero(core), strict=True):
         if seen[y, x]:
             continue
-        count += 1
+        blobs.append([])
         stack = [(y, x)]
         seen[y, x] = True
         while stack:
             cy, cx = stack.pop()
+            blobs[-1].append((cy, cx))
             for ny in range(max(cy - 1, 0), min(cy + 2, h)):
                 for nx in range(max(cx - 1, 0), min(cx + 2, w)):
                     if core[ny, nx] and not seen[ny, nx]:
                         seen[ny, nx] = True
                         stack.append((ny, nx))
-    return count
+    return blobs
 
 
 def _bfs_connected(image: np.ndarray, link: int) -> bool:
@@ -74,7 +77,7 @@ def test_independent_bfs_agrees_and_two_markers(sets: dict[tuple[int, int], Path
     for (res, _), data in sets.items():
         imgs, labels = data.images.numpy(), data.labels.tolist()
         for i in range(0, len(labels), 3):
-            assert _blobs(imgs[i]) == 2
+            assert len(_blobs(imgs[i])) == 2
             assert _bfs_connected(imgs[i], DRAW[res].link) == bool(labels[i])
 
 
@@ -101,6 +104,18 @@ def test_negatives_are_not_just_far_apart() -> None:
     ink = (data.images > 127).flatten(1).sum(1).float()
     pos, neg = ink[data.labels == 1].mean(), ink[data.labels == 0].mean()
     assert abs(float(pos - neg)) < 0.1 * float(ink.mean())
+
+
+def test_marker_distance_says_nothing_about_the_label(sets: dict[tuple[int, int], PathfinderData]) -> None:
+    """A positive's markers end one path, a negative's start two: left alone, negatives sit farther apart
+    and a threshold on the distance beats chance (0.70 at 16x16). The classes must have equal histograms."""
+    for key, data in sets.items():
+        hist: dict[int, Counter] = {0: Counter(), 1: Counter()}
+        for img, label in zip(data.images.numpy(), data.labels.tolist(), strict=True):
+            a, b = (np.mean(blob, axis=0) for blob in _blobs(img))
+            hist[label][round(float(((a - b) ** 2).sum()), 1)] += 1
+        assert hist[0] == hist[1], key
+        assert len(hist[1]) > 3, key  # the distance does vary
 
 
 def _tiny(gap: int) -> np.ndarray:
