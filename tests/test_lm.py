@@ -18,6 +18,8 @@ from tasks.lm import corpus_for, full_validation, model_config, train_lm
 from tasks.lm_swap import swapped_factory
 from tasks.model import MixerModel
 
+pytestmark = pytest.mark.shared_data  # every test here trains or scores on Tiny Shakespeare
+
 QUICK = TimingConfig(warmup=0, min_time_s=0.0, min_repeats=2, max_repeats=2)
 
 

@@ -62,6 +62,7 @@ def test_data_root_defaults_to_the_shared_folder_and_follows_the_env(monkeypatch
     assert data_root() == tmp_path
 
 
+@pytest.mark.shared_data
 def test_shakespeare_is_nanogpts_split_with_65_characters():
     text = shared_text(EMBEDDED["shakespeare"].train.path)
     cut = int(len(text) * 0.9)  # prepare.py: train_data = data[:int(n*0.9)]
@@ -79,6 +80,7 @@ def test_shakespeare_is_nanogpts_split_with_65_characters():
     assert load_corpus("shakespeare", "char") is corpus  # memoised: every method of a sweep reads this one
 
 
+@pytest.mark.shared_data
 def test_wikitext2_trains_on_valid_and_validates_on_test():
     files = EMBEDDED["wikitext2"]
     assert files.validation is not None
@@ -104,6 +106,7 @@ def copy_corpus(tmp_path: Path, name: str) -> Path:
     return tmp_path
 
 
+@pytest.mark.shared_data
 def test_a_copy_with_one_byte_changed_fails_its_checksum(tmp_path):
     root = copy_corpus(tmp_path, "wikitext2")
     assert load_texts("wikitext2", data_dir=root) == load_texts("wikitext2")  # an exact copy passes
@@ -130,6 +133,7 @@ def test_a_missing_folder_says_how_to_point_elsewhere(tmp_path, monkeypatch):
 # --- tokenizers -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("source", ["shakespeare", "wikitext2"])
 def test_char_and_byte_round_trip(source):
     texts = load_texts(source)
@@ -152,6 +156,7 @@ def test_char_vocabulary_is_sorted_and_rejects_unseen_characters():
     assert ByteTokenizer().decode(torch.tensor([0xE2, 0x80])) == "\ufffd"  # a cut character, shown not raised
 
 
+@pytest.mark.shared_data
 def test_unknown_tokenizer_lists_the_choices():
     with pytest.raises(ValueError, match="char, byte, bpe"):
         make_tokenizer("word", {"train": "a", "validation": "b"})
@@ -159,6 +164,7 @@ def test_unknown_tokenizer_lists_the_choices():
         load_corpus("shakespeare", "word")
 
 
+@pytest.mark.shared_data
 @pytest.mark.skipif(not HAS_TOKENIZERS, reason="the optional package `tokenizers` is not installed")
 def test_bpe_trained_on_shakespeare_round_trips_with_fewer_tokens_than_characters():
     texts = load_texts("shakespeare")
@@ -181,6 +187,7 @@ def test_bpe_without_tokenizers_is_a_one_line_error(monkeypatch):
 # --- bits per character and windows -----------------------------------------------------------------------
 
 
+@pytest.mark.shared_data
 def test_a_uniform_model_scores_log2_of_the_vocabulary_in_bits_per_char():
     corpus = load_corpus("shakespeare", "char")
     targets = corpus.validation[:4096]
@@ -203,6 +210,7 @@ def test_training_windows_are_every_offset_shifted_by_one_without_copies():
         assert len(x) == (100 - 8 - 1) // stride + 1 and torch.equal(x[-1], ids[(len(x) - 1) * stride:][:8])
 
 
+@pytest.mark.shared_data
 def test_evaluation_windows_score_each_token_once_from_the_second():
     corpus = load_corpus("shakespeare", "char")
     ids, context = corpus.validation, 256
