@@ -8,7 +8,7 @@ RUN_ID  ?= $(shell date -u +%Y%m%d-%H%M%S)
 RESULTS ?= results/latest
 ARGS    ?=
 
-.PHONY: install bench test test-all lint report list clean-results compare
+.PHONY: install bench test test-all lint report list clean-results compare gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -42,3 +42,18 @@ CAND         ?= results/latest
 COMPARE_ARGS ?= --normalize-by sdpa
 compare: $(STAMP)
 	$(PYTHON) -m bench.compare $(BASE) $(CAND) $(COMPARE_ARGS)
+
+# The device check's offline wheels (scripts/gpu_check.sh): the GPU machine has no network and its image lacks
+# Hydra. Run on a connected machine; the versions are the ones .venv runs. antlr4-python3-runtime 4.9.3 (what
+# omegaconf 2.3 needs) is an sdist on PyPI, so its pure-Python wheel is built; PyYAML's wheels are per CPython
+# version, so one per version the image may have.
+WHEEL_PY      := $(if $(wildcard $(PYTHON)),$(PYTHON),$(PY))
+PYYAML_PYTHONS = 3.10 3.11 3.12 3.13 3.14
+gpu-wheels:
+	$(WHEEL_PY) -m pip download --quiet --only-binary=:all: --no-deps -d gpu-wheels hydra-core==1.3.8 omegaconf==2.3.1
+	$(WHEEL_PY) -m pip wheel --quiet --no-deps -w gpu-wheels antlr4-python3-runtime==4.9.3
+	for v in $(PYYAML_PYTHONS); do \
+		$(WHEEL_PY) -m pip download --quiet --only-binary=:all: --no-deps -d gpu-wheels \
+			--python-version $$v --platform manylinux2014_x86_64 PyYAML==6.0.4 || exit 1; \
+	done
+	ls gpu-wheels

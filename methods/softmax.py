@@ -31,15 +31,19 @@ class SoftmaxReference(Attention):
     "softmax",
     "kernel",
     "kernel",
-    Capabilities(decode=True, backward=False, note="the Triton kernel is forward-only for now"),
+    Capabilities(decode=True, backward=True),
     guard=triton_guard,
-    description="Triton FlashAttention-2-style forward (online softmax, fp32 accumulation)",
+    description="Triton FlashAttention-2-style forward and backward (online softmax, fp32 accumulation; "
+    "the backward recomputes P from the saved log-sum-exp)",
 )
 class SoftmaxKernel(Attention):
-    def forward(self, q, k, v, causal=False):
-        from methods.kernels.flash_fwd import flash_attention_forward
+    """Our FA2 kernels through `flash_attention`: the forward kernel alone when no gradient is needed
+    (no_grad, decode), the autograd node with the Triton backward otherwise."""
 
-        return flash_attention_forward(q, k, v, causal=causal)
+    def forward(self, q, k, v, causal=False):
+        from methods.kernels.flash_bwd import flash_attention
+
+        return flash_attention(q, k, v, causal=causal)
 
 
 def _sdpa(q, k, v, causal: bool) -> torch.Tensor:

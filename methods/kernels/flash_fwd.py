@@ -25,6 +25,12 @@ interpreter is `DOT_FP32` (see `common.dot_fp32`): every other line is what
 runs on the GPU. The loop body (load a key tile, score it, fold it into the
 online softmax) lives in `common.fold_key_tile`, shared with the block-sparse
 kernel.
+
+With `return_lse=True` the kernel also stores each row's natural log-sum-exp
+(what `flash_bwd.py` needs to recompute the probabilities without a second
+online-softmax pass). It is stored in natural log, as `block_sparse.py`
+returns it, so every kernel's lse means the same thing; the backward converts
+it to base 2 once per row.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from methods.kernels.common import (
     warps_for_head_dim,
 )
 
-__all__ = ["flash_attention_forward", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
+__all__ = ["flash_attention_forward", "choose_config", "LaunchConfig", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
 
 
 @triton.jit
@@ -93,16 +99,21 @@ def _attn_inner(
 
 @triton.jit
 def _flash_fwd_kernel(
-    Q, K, V, Out,
+    Q, K, V, Out, Lse,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_oz, stride_oh, stride_om, stride_od,
+    stride_lz, stride_lh, stride_lm,
     n_heads, n_q, n_k, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_LSE: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
-    """One query block of one (batch, head): grid is `(cdiv(n_q, BLOCK_M), batch * heads)`."""
+    """One query block of one (batch, head): grid is `(cdiv(n_q, BLOCK_M), batch * heads)`.
+
+    HAS_LSE: also store each row's natural log-sum-exp into `Lse` (batch, heads, n_q), for the backward;
+    a compile-time flag, so the forward-only kernel does not even take the store.
+    """
     _, off_z, off_h = head_offsets(n_heads)
     q_base = Q + off_z * stride_qz + off_h * stride_qh
     k_base = K + off_z * stride_kz + off_h * stride_kh
@@ -143,8 +154,11 @@ def _flash_fwd_kernel(
         HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_FP32,
     )  # fmt: skip
 
-    out, _ = finish_rows(acc, l_i, m_i)  # rows that saw no key are exactly 0
+    out, lse = finish_rows(acc, l_i, m_i)  # rows that saw no key are exactly 0, their lse -inf
     store_rows(o_base, offs_m, row_ok, stride_om, offs_d, d_ok, stride_od, out)
+    if HAS_LSE:
+        l_base = Lse + off_z * stride_lz + off_h * stride_lh
+        tl.store(l_base + offs_m.to(tl.int64) * stride_lm, lse, mask=row_ok)
 
 
 @dataclass(frozen=True)
@@ -175,7 +189,8 @@ def flash_attention_forward(
     v: torch.Tensor,
     causal: bool = False,
     scale: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale [+ causal mask]) v without materialising the scores.
 
     Args:
@@ -183,9 +198,11 @@ def flash_attention_forward(
         k, v: `(batch, heads, n_k, head_dim)`, any strides; `n_k` may differ from `n_q`.
         causal: bottom-right aligned causal mask (query i sees key j iff j <= i + n_k - n_q).
         scale: score scale, `1/sqrt(head_dim)` when None.
+        return_lse: also return the natural log-sum-exp of each row's scaled scores, `(batch, heads, n_q)`
+            float32 (-inf for rows that see no key): what the backward (`flash_bwd.py`) recomputes P from.
 
     Returns:
-        A new tensor shaped and typed like `q`. Rows that see no key are 0.
+        A new tensor shaped and typed like `q` (and the lse when `return_lse`). Rows that see no key are 0.
 
     Raises:
         ValueError: on shapes, dtypes or devices the kernel does not handle (head_dim must be 1 to 256).
@@ -195,24 +212,26 @@ def flash_attention_forward(
     n_k = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
-    if n_k == 0:
-        return out.zero_()  # no key at all: every row is empty, hence 0 by definition
+    # Only allocated when asked for; otherwise `out` stands in for the pointer the kernel never reads.
+    lse = torch.empty((batch, heads, n_q), dtype=torch.float32, device=q.device) if return_lse else None
+    if out.numel() == 0 or n_k == 0:
+        out.zero_()  # no key at all: every row is empty, hence 0 by definition (lse -inf)
+        return (out, lse.fill_(float("-inf"))) if return_lse else out
 
     cfg = choose_config(n_q, n_k, head_dim, q.dtype)
     grid = (triton.cdiv(n_q, cfg.block_m), batch * heads)
     _flash_fwd_kernel[grid](
-        q, k, v, out,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, out if lse is None else lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *(lse.stride() if lse is not None else (0, 0, 0)),
         heads, n_q, n_k, scale * LOG2E,
         HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_D=cfg.block_d,
         CAUSAL=bool(causal),
+        HAS_LSE=lse is not None,
         DOT_FP32=dot_fp32(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
-    return out
+    return (out, lse) if return_lse else out
