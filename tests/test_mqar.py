@@ -192,7 +192,7 @@ def test_smoke_softmax_learns_recall_and_identity_stays_at_chance(tmp_path):
 
 
 def test_method_without_backward_gives_unsupported_row(tmp_path):
-    row = measure_cell(mqar_cell("softmax", impl="kernel"), settings(tmp_path))
+    row = measure_cell(mqar_cell("memory_efficient", impl="kernel"), settings(tmp_path))
     assert row["status"] == "unsupported"
     assert "backward" in row["reason"] or "GPU" in row["reason"]
 
