@@ -22,6 +22,7 @@ that need them: `import tasks` imports this module for task discovery and must s
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 import math
@@ -226,17 +227,19 @@ def _ids_list(ids: torch.Tensor | Sequence[int]) -> list[int]:
     return ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Text <-> 1-D int64 token ids. `name` is the kind (char, byte, bpe); `vocab_size` bounds the ids."""
 
     name: str = ""
     vocab_size: int = 0
 
+    @abc.abstractmethod
     def encode(self, text: str) -> torch.Tensor:
-        raise NotImplementedError
+        """The ids of `text`, int64, 1-D."""
 
+    @abc.abstractmethod
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
-        raise NotImplementedError
+        """The text of `ids` (the inverse of `encode` on any text the tokenizer covers)."""
 
     def digest(self) -> str:
         """What, besides the texts, decides the ids; part of `LMCorpus.fingerprint`."""
