@@ -171,7 +171,7 @@ register_impls(
     BigBird,
     *pattern_impls(
         reference="global rows dense, window + random blocks gathered",
-        kernel="block-sparse Triton kernel, block table",
+        kernel="block-sparse Triton kernel, block table (forward and backward)",
         flex="FlexAttention, BlockMask from the block table",
     ),
 )

@@ -7,7 +7,7 @@ serves every implementation:
   from each query tile, plus keys every tile shares (sinks, summary
   columns): O(N * W), differentiable;
 * `kernel`: the block-sparse Triton kernel with the same terms as its
-  element mask (forward only);
+  element mask, forward and backward (`methods/kernels/block_sparse_bwd.py`);
 * `flex`: FlexAttention with a BlockMask built from the pattern's mask_mod.
 
 FLOPs count the elements inside the pattern (the keys each query actually
@@ -40,7 +40,8 @@ from methods.sparse_decode import StridedCache, WindowCache, attend_contiguous, 
 from methods.sparse_reference import gathered_attention
 
 REFERENCE = Capabilities(decode=True)
-KERNEL = Capabilities(decode=True, backward=False, note="the block-sparse Triton kernel is forward-only")
+# Trainable: the block-sparse kernel has a Triton backward over the same block lists (`block_sparse_bwd.py`).
+KERNEL = Capabilities(decode=True)
 FLEX = Capabilities(decode=False, note="FlexAttention is compiled per shape and mask; decode is not wired")
 
 
@@ -227,7 +228,7 @@ register_impls(
     SlidingWindow,
     *pattern_impls(
         reference="per-tile gather of the window's key blocks",
-        kernel="block-sparse Triton kernel, band mask",
+        kernel="block-sparse Triton kernel, band mask (forward and backward)",
         flex="FlexAttention, BlockMask from the band mask_mod",
     ),
 )
@@ -252,7 +253,7 @@ register_impls(
     SinkWindow,
     *pattern_impls(
         reference="window gather plus the sinks as shared keys",
-        kernel="block-sparse Triton kernel, band | sinks",
+        kernel="block-sparse Triton kernel, band | sinks (forward and backward)",
         flex="FlexAttention, BlockMask of band | sinks",
     ),
 )
@@ -337,7 +338,7 @@ register_impls(
     Strided,
     *pattern_impls(
         reference="local block gather plus summary columns as shared keys",
-        kernel="block-sparse Triton kernel, local | columns",
+        kernel="block-sparse Triton kernel, local | columns (forward and backward)",
         flex="FlexAttention, BlockMask of local | columns",
     ),
 )

@@ -30,13 +30,15 @@ from methods.sparse_decode import attend_positions
 from methods.sparse_reference import gathered_attention
 
 REFERENCE = Capabilities(decode=True)
-KERNEL = Capabilities(decode=True, backward=False, note="the Triton kernels are forward-only")
+# block_topk's attention runs on the block-sparse kernel, which has a Triton backward; topk's gather kernel has none.
+BLOCK_KERNEL = Capabilities(decode=True)
+GATHER_KERNEL = Capabilities(decode=True, backward=False, note="the gather kernel is forward-only")
 
 
-def selection_impls(reference: str, kernel: str) -> tuple[Impl, Impl]:
+def selection_impls(reference: str, kernel: str, kernel_caps: Capabilities) -> tuple[Impl, Impl]:
     return (
         Impl("reference", "reference", REFERENCE, description=reference),
-        Impl("kernel", "kernel", KERNEL, guard=triton_guard, description=kernel),
+        Impl("kernel", "kernel", kernel_caps, guard=triton_guard, description=kernel),
     )
 
 
@@ -179,7 +181,8 @@ register_impls(
     BlockTopk,
     *selection_impls(
         reference="pooled selection, then per-tile gather of the chosen blocks",
-        kernel="pooled selection, then the block-sparse kernel",
+        kernel="pooled selection, then the block-sparse kernel (forward and backward)",
+        kernel_caps=BLOCK_KERNEL,
     ),
 )
 
@@ -261,5 +264,6 @@ register_impls(
     *selection_impls(
         reference="chunked full scores, top-k per row, softmax over the k",
         kernel="top-k selection, then the gather kernel",
+        kernel_caps=GATHER_KERNEL,
     ),
 )

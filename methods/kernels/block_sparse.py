@@ -32,9 +32,12 @@ HyperAttention's sampled columns, decode steps over selected cache entries):
 each query row loads its own list of key indices, so it cannot use tensor
 cores; it computes scores as row-wise dot products, FlashDecoding style.
 
-Both kernels are forward-only and fold their keys with the online softmax of
+Both kernels fold their keys with the online softmax of
 `methods/kernels/common.py` (the block-sparse kernel's tile loop body is
-flash_fwd's). Under Triton's interpreter (`TRITON_INTERPRET=1`) they run on
+flash_fwd's). The gather kernel is forward-only; the block-sparse kernel has
+a Triton backward in `block_sparse_bwd.py`, reached through
+`block_sparse_attention` when a gradient is needed (`block_sparse_forward` is
+the forward alone), which evaluates the same element mask (`block_keep`). Under Triton's interpreter (`TRITON_INTERPRET=1`) they run on
 CPU tensors for the tests; see `common.dot_fp32` for `DOT_FP32`.
 """
 
@@ -65,7 +68,46 @@ from methods.kernels.common import (
 )
 from methods.kernels.layout import BlockLayout, TokenTerms
 
-__all__ = ["block_sparse_attention", "gather_attention", "kernel_tiles"]
+__all__ = [
+    "block_keep",
+    "block_sparse_attention",
+    "block_sparse_forward",
+    "broadcast_strides",
+    "gather_attention",
+    "kernel_tiles",
+    "stack_lists",
+    "term_args",
+    "term_flags",
+]
+
+
+@triton.jit
+def block_keep(
+    p, j, n_k, band_left, band_right, n_sinks, local, col_stride, col_first,
+    CAUSAL: tl.constexpr, PATTERN: tl.constexpr, BAND: tl.constexpr, SINKS: tl.constexpr, LOCAL: tl.constexpr,
+    COLUMNS: tl.constexpr,
+):  # fmt: skip
+    """The element mask of an edge (PATTERN=False) or partial block: which (query position `p`, key `j`) pairs count.
+
+    `p` and `j` are broadcastable position tiles (`pos[:, None]`, `keys[None, :]` in the forward and the dQ pass,
+    the transpose in the dK/dV pass), so the forward and both backward passes evaluate one definition of the mask.
+    """
+    keep = j < n_k
+    if CAUSAL:
+        keep = keep & (j <= p)
+    if PATTERN:
+        hit = j < 0  # the empty union, OR-ed with each enabled term
+        if BAND:
+            hit = hit | ((j >= p - band_left) & (j <= p + band_right))
+        if SINKS:
+            hit = hit | (j < n_sinks)
+        if LOCAL:
+            # Triton's // truncates; a negative position is in no key's block (keys are >= 0).
+            hit = hit | ((j // local) == tl.where(p >= 0, p // local, -1))
+        if COLUMNS:
+            hit = hit | ((j % col_stride) >= col_first)
+        keep = keep & hit
+    return keep
 
 
 @triton.jit
@@ -88,25 +130,10 @@ def _fold_blocks(
         start_n = tl.load(idx_ptr + e * stride_e) * BLOCK_N
         if MASKED:
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            keep = offs_n[None, :] < n_k
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= pos_m[:, None])
-            if PATTERN:
-                hit = offs_n[None, :] < 0  # the empty union, OR-ed with each enabled term
-                if BAND:
-                    hit = hit | (
-                        (offs_n[None, :] >= pos_m[:, None] - band_left)
-                        & (offs_n[None, :] <= pos_m[:, None] + band_right)
-                    )
-                if SINKS:
-                    hit = hit | (offs_n[None, :] < n_sinks)
-                if LOCAL:
-                    # Triton's // truncates; a negative position is in no key's block (keys are >= 0).
-                    q_blk = tl.where(pos_m >= 0, pos_m // local, -1)
-                    hit = hit | ((offs_n // local)[None, :] == q_blk[:, None])
-                if COLUMNS:
-                    hit = hit | ((offs_n % col_stride)[None, :] >= col_first)
-                keep = keep & hit
+            keep = block_keep(
+                pos_m[:, None], offs_n[None, :], n_k, band_left, band_right, n_sinks, local, col_stride, col_first,
+                CAUSAL, PATTERN, BAND, SINKS, LOCAL, COLUMNS,
+            )  # fmt: skip
         else:
             keep = 0  # not read: full blocks take every element
         acc, l_i, m_i = fold_key_tile(
@@ -253,12 +280,35 @@ def kernel_tiles(n_q: int, n_k: int, head_dim: int, pattern_block: int | None = 
     return block_m, block_n
 
 
-def _broadcast_strides(t: torch.Tensor) -> list[int]:
+def broadcast_strides(t: torch.Tensor) -> list[int]:
     """Strides with 0 for size-1 dims, so a layout shared by every batch or head broadcasts."""
     return [0 if size == 1 else stride for size, stride in zip(t.shape, t.stride(), strict=True)]
 
 
-def block_sparse_attention(
+def stack_lists(lists: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (full, edge, partial) `(num, idx)` lists as one count tensor `(3, Bb, Hb, T)` and one index tensor
+    `(3, Bb, Hb, T, L)`, contiguous, so a kernel reaches list `c` at `c * stride` (forward and backward alike)."""
+    width = max(i.shape[-1] for _, i in lists)
+    pad = [torch.nn.functional.pad(i, (0, width - i.shape[-1]), value=-1) for _, i in lists]
+    shape = torch.broadcast_shapes(*(i.shape[:-1] for i in pad), *(n.shape for n, _ in lists))
+    idx = torch.stack([i.expand(*shape, width) for i in pad]).contiguous()
+    num = torch.stack([n.expand(shape) for n, _ in lists]).contiguous()
+    return num, idx
+
+
+def term_args(terms: TokenTerms) -> tuple[int, int, int, int, int, int]:
+    """The runtime scalars `block_keep` reads: `(band_left, band_right, n_sinks, local, col_stride, col_first)`."""
+    band_left, band_right = terms.band or (0, 0)
+    col_stride, col_summary = terms.columns or (1, 0)
+    return band_left, band_right, terms.sinks, max(terms.local, 1), col_stride, col_stride - col_summary
+
+
+def term_flags(terms: TokenTerms) -> dict[str, bool]:
+    """The constexpr switches of `block_keep`'s terms (a term that is off compiles away)."""
+    return dict(BAND=terms.band is not None, SINKS=terms.sinks > 0, LOCAL=terms.local > 0, COLUMNS=bool(terms.columns))
+
+
+def block_sparse_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -271,6 +321,8 @@ def block_sparse_attention(
     out_dtype: torch.dtype | None = None,
 ):
     """softmax(q k^T * scale) v over the blocks `layout` lists, with `terms` as the element mask of partial blocks.
+
+    The forward kernel alone, never recorded by autograd (`block_sparse_attention` is the differentiable entry).
 
     Args:
         q: (batch, heads, n_q, head_dim); k, v: (batch, heads, n_k, head_dim); any strides.
@@ -297,39 +349,58 @@ def block_sparse_attention(
     terms = terms or TokenTerms()
 
     layout = layout.to(q.device)
-    width = max(t.shape[-1] for t in (layout.full_idx, layout.edge_idx, layout.part_idx))
-    pad = [
-        torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=-1)
-        for t in (layout.full_idx, layout.edge_idx, layout.part_idx)
-    ]
-    shape = torch.broadcast_shapes(*(t.shape[:3] for t in pad))
-    idx = torch.stack([t.expand(*shape, width) for t in pad]).contiguous()
-    num = torch.stack([t.expand(shape) for t in (layout.full_num, layout.edge_num, layout.part_num)]).contiguous()
-
-    band_left, band_right = terms.band or (0, 0)
-    col_stride, col_summary = terms.columns or (1, 0)
+    num, idx = stack_lists(
+        [(layout.full_num, layout.full_idx), (layout.edge_num, layout.edge_idx), (layout.part_num, layout.part_idx)]
+    )
     block_d = dot_tile(head_dim)
     _block_sparse_fwd_kernel[(grid.n_tiles, batch * heads)](
         q, k, v, out, lse, num, idx,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        *_broadcast_strides(num), *_broadcast_strides(idx),
+        *broadcast_strides(num), *broadcast_strides(idx),
         heads, n_q, n_k, grid.q_start, grid.first_tile * grid.block_m, scale * LOG2E,
-        band_left, band_right, terms.sinks, max(terms.local, 1), col_stride, col_stride - col_summary,
+        *term_args(terms),
         HEAD_DIM=head_dim,
         BLOCK_M=grid.block_m,
         BLOCK_N=grid.block_n,
         BLOCK_D=block_d,
         CAUSAL=bool(causal),
-        BAND=terms.band is not None,
-        SINKS=terms.sinks > 0,
-        LOCAL=terms.local > 0,
-        COLUMNS=bool(terms.columns),
+        **term_flags(terms),
         HAS_LSE=return_lse,
         DOT_FP32=dot_fp32(q.dtype),
         num_warps=warps_for_head_dim(block_d),
         num_stages=2,
     )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool,
+    terms: TokenTerms | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    out_dtype: torch.dtype | None = None,
+):
+    """`block_sparse_forward`, differentiable through the Triton backward of `block_sparse_bwd.py`.
+
+    Autograd is wired only where it is asked for (an input requires grad, grad
+    mode on) and for the plain output: with `return_lse` or a different
+    `out_dtype` (the merge paths of HyperAttention and decode, which are not
+    trained) it is the forward kernel alone, as when no gradient is needed, so
+    forward-only timings never pay for a saved lse.
+    """
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if wants_grad and not return_lse and out_dtype in (None, q.dtype):
+        from methods.kernels.block_sparse_bwd import BlockSparseAttentionFunction
+
+        return BlockSparseAttentionFunction.apply(q, k, v, layout, causal, terms, scale)
+    return block_sparse_forward(
+        q, k, v, layout, causal=causal, terms=terms, scale=scale, return_lse=return_lse, out_dtype=out_dtype
+    )
 
 
 def gather_attention(
@@ -372,7 +443,7 @@ def gather_attention(
     block_n = min(block_n, dot_tile(n_sel))
     _gather_fwd_kernel[(triton.cdiv(n_q, block_m), batch * heads)](
         q, k, v, out, lse, indices,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *_broadcast_strides(indices),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(), *broadcast_strides(indices),
         heads, n_q, n_k, n_sel, scale * LOG2E, max(exclude_block, 1),
         HEAD_DIM=head_dim,
         BLOCK_M=block_m,

@@ -12,7 +12,7 @@ as in the forward, the N x N score matrix never exists in memory. With
 Three launches, FlashAttention-2's scheme without atomics (as Triton's
 fused-attention tutorial):
 
-1. `_delta_kernel`: `delta`, fp32, one program per query block.
+1. `delta_kernel`: `delta`, fp32, one program per query block.
 2. `_dkdv_kernel`: one program per key block owns its `dK` and `dV` and walks
    the query blocks that see it.
 3. `_dq_kernel`: one program per query block owns its `dQ` and walks the key
@@ -58,7 +58,16 @@ from methods.kernels.common import (
 )
 from methods.kernels.flash_fwd import LaunchConfig, choose_config, flash_attention_forward
 
-__all__ = ["FlashAttentionFunction", "choose_backward_config", "flash_attention", "flash_attention_backward"]
+__all__ = [
+    "FlashAttentionFunction",
+    "choose_backward_config",
+    "delta_kernel",
+    "dkdv_tile",
+    "dq_tile",
+    "flash_attention",
+    "flash_attention_backward",
+    "row_stats",
+]
 
 
 # --- device side ------------------------------------------------------------------------------------------------------
@@ -75,7 +84,7 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(lse_base, delta_base, offs_m, row_ok):
+def row_stats(lse_base, delta_base, offs_m, row_ok):
     """`(lse2, delta)` of the rows `offs_m`: the base-2 log-sum-exp and `rowsum(dO * O)`.
 
     lse2 is +inf for rows past `n_q` and for rows that saw no key (lse -inf), so
@@ -90,7 +99,41 @@ def _row_stats(lse_base, delta_base, offs_m, row_ok):
 
 
 @triton.jit
-def _delta_kernel(
+def dkdv_tile(dk, dv, k, v, q, do, lse2, delta, keep_t, qk_scale, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One (key block x query block) step of the dK/dV pass: P^T recomputed from the lse, folded into `(dk, dv)`.
+
+    Shared with the block-sparse backward (`block_sparse_bwd.py`), which differs only in which query blocks it
+    visits and in its element mask. `keep_t` (keys x queries) is read only when MASKED: P is zeroed where it is
+    False (tl.where selects, so a hidden pair's exp2 overflowing to inf never reaches the sums).
+    """
+    p_t = tl.math.exp2(_dot(k, tl.trans(q), DOT_FP32) * qk_scale - lse2[None, :])
+    if MASKED:
+        p_t = tl.where(keep_t, p_t, 0.0)
+    # As FA2: P and dS are cast to the inputs' 16-bit type for the tensor cores (a no-op in DOT_FP32).
+    dv += _dot(p_t.to(do.dtype), do, DOT_FP32)
+    dp_t = _dot(v, tl.trans(do), DOT_FP32)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _dot(ds_t.to(q.dtype), q, DOT_FP32)
+    return dk, dv
+
+
+@triton.jit
+def dq_tile(dq, q, do, lse2, delta, k, v, keep, qk_scale, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One (query block x key block) step of the dQ pass: P recomputed from the lse, dS folded into `dq`.
+
+    Shared with the block-sparse backward; `keep` (queries x keys) is read only when MASKED.
+    """
+    p = tl.math.exp2(_dot(q, tl.trans(k), DOT_FP32) * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(keep, p, 0.0)
+    dp = _dot(do, tl.trans(v), DOT_FP32)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(ds.to(k.dtype), k, DOT_FP32)
+    return dq
+
+
+@triton.jit
+def delta_kernel(
     Out, DO, Delta,
     stride_oz, stride_oh, stride_om, stride_od,
     stride_dz, stride_dh, stride_dm, stride_dd,
@@ -132,17 +175,13 @@ def _dkdv_inner(
         do = load_rows(do_base, offs_m, row_ok, stride_dm, offs_d, d_ok, stride_dd)
         if DOT_FP32:
             q, do = q.to(tl.float32), do.to(tl.float32)
-        lse2, delta = _row_stats(lse_base, delta_base, offs_m, row_ok)
+        lse2, delta = row_stats(lse_base, delta_base, offs_m, row_ok)
 
-        p_t = tl.math.exp2(_dot(k, tl.trans(q), DOT_FP32) * qk_scale - lse2[None, :])
         if MASKED:
-            # tl.where selects, so a hidden pair's exp2 overflowing to inf never reaches the sums.
-            p_t = tl.where(offs_m[None, :] + offset >= offs_n[:, None], p_t, 0.0)
-        # As FA2: P and dS are cast to the inputs' 16-bit type for the tensor cores (a no-op in DOT_FP32).
-        dv += _dot(p_t.to(do.dtype), do, DOT_FP32)
-        dp_t = _dot(v, tl.trans(do), DOT_FP32)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t.to(q.dtype), q, DOT_FP32)
+            keep_t = offs_m[None, :] + offset >= offs_n[:, None]
+        else:
+            keep_t = 0  # not read
+        dk, dv = dkdv_tile(dk, dv, k, v, q, do, lse2, delta, keep_t, qk_scale, MASKED, DOT_FP32)
     return dk, dv
 
 
@@ -231,15 +270,13 @@ def _dq_inner(
         if DOT_FP32:
             k, v = k.to(tl.float32), v.to(tl.float32)
 
-        p = tl.math.exp2(_dot(q, tl.trans(k), DOT_FP32) * qk_scale - lse2[:, None])
         if MASKED:
             keep = key_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[:, None] + offset >= offs_n[None, :])
-            p = tl.where(keep, p, 0.0)
-        dp = _dot(do, tl.trans(v), DOT_FP32)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, DOT_FP32)
+        else:
+            keep = 0  # not read
+        dq = dq_tile(dq, q, do, lse2, delta, k, v, keep, qk_scale, MASKED, DOT_FP32)
     return dq
 
 
@@ -268,7 +305,7 @@ def _dq_kernel(
     do = load_rows(DO + off_z * stride_dz + off_h * stride_dh, offs_m, row_ok, stride_dm, offs_d, d_ok, stride_dd)
     if DOT_FP32:
         q, do = q.to(tl.float32), do.to(tl.float32)
-    lse2, delta = _row_stats(Lse + off_bh.to(tl.int64) * n_q, Delta + off_bh.to(tl.int64) * n_q, offs_m, row_ok)
+    lse2, delta = row_stats(Lse + off_bh.to(tl.int64) * n_q, Delta + off_bh.to(tl.int64) * n_q, offs_m, row_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # The forward's loop bounds (see `flash_fwd._flash_fwd_kernel`).
@@ -353,7 +390,7 @@ def flash_attention_backward(
     cfg = choose_backward_config(n_q, n_k, head_dim, q.dtype)
     launch = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
     q_grid = (triton.cdiv(n_q, cfg.block_m), batch * heads)
-    _delta_kernel[q_grid](out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n_q, **launch)
+    delta_kernel[q_grid](out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, n_q, **launch)
     passes = dict(
         BLOCK_N=cfg.block_n, CAUSAL=bool(causal), DOT_FP32=dot_fp32(q.dtype), num_stages=cfg.num_stages, **launch
     )

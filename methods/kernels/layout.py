@@ -49,6 +49,7 @@ __all__ = [
     "mask_to_lists",
     "pairs_in_blocks",
     "term_tables",
+    "transpose_lists",
 ]
 
 
@@ -188,6 +189,27 @@ def mask_to_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         order = torch.nn.functional.pad(order, (0, width - order.shape[-1]), value=-1)
     keep = torch.arange(width, device=mask.device) < counts.unsqueeze(-1)
     return counts.to(torch.int32), torch.where(keep, order, -1).to(torch.int32)
+
+
+def transpose_lists(num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row lists of columns -> per-column lists of the rows that list it, in `mask_to_lists`' format.
+
+    The block-sparse backward's dK/dV pass owns one key block and must visit
+    exactly the query tiles whose forward lists name it (in the same category:
+    full, edge or partial, so it applies the same element mask); this is that
+    inversion. `num` is (..., n_rows), `idx` (..., n_rows, L) with -1 padding;
+    entries past a row's count are ignored. Returns counts (..., n_cols) and
+    indices (..., n_cols, L') as int32, rows in increasing order.
+    """
+    n_rows, width = idx.shape[-2], idx.shape[-1]
+    live = (torch.arange(width, device=idx.device) < num.unsqueeze(-1).long()) & (idx >= 0)
+    safe = torch.where(live, idx.long(), n_cols)  # dead entries go to a dump column, dropped below
+    table = torch.zeros((*idx.shape[:-1], n_cols + 1), dtype=torch.bool, device=idx.device)
+    table.scatter_(-1, safe, True)
+    table = table[..., :n_cols].transpose(-1, -2)
+    if n_rows == 0:
+        table = table.reshape(*idx.shape[:-2], n_cols, 0)
+    return mask_to_lists(table)
 
 
 def expand_block_table(table: torch.Tensor, block: int, first_block: int, grid: TileGrid) -> torch.Tensor:
