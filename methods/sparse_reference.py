@@ -27,14 +27,20 @@ CHUNK_BYTES = 256 * 2**20
 
 
 def _softmax_parts(scores: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """exp-weights, row sums and log-sum-exp of masked scores; rows with no visible key get weights 0, lse -inf."""
+    """exp-weights, the divisor of each row and log-sum-exp of masked scores; rows with no visible key get
+    weights 0 and lse -inf.
+
+    The divisor is the row sum clamped at 1: a row that sees a key sums to >= 1 (its largest term is exp(0)),
+    and an empty row sums to 0 with weights 0, so 1 gives it output 0 *and* finite gradients. (Clamping at
+    the dtype's `tiny` instead scales an empty row's gradient to inf, and inf * 0 weights is NaN.)
+    """
     scores = scores.masked_fill(~keep, float("-inf"))
     row_max = scores.amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
     weights = torch.exp(scores - row_max)
     denom = weights.sum(-1, keepdim=True)
     lse = (row_max + torch.log(denom)).squeeze(-1)  # log(0) = -inf for empty rows
-    return weights, denom, lse
+    return weights, denom.clamp_min(1.0), lse
 
 
 def attend(
@@ -55,7 +61,7 @@ def attend(
     if keep is None:
         keep = torch.ones((), dtype=torch.bool, device=q.device)
     weights, denom, lse = _softmax_parts(scores, keep.expand_as(scores))
-    out = (weights @ v.to(ct)) / denom.clamp_min(torch.finfo(ct).tiny)
+    out = (weights @ v.to(ct)) / denom
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
@@ -169,7 +175,7 @@ def gathered_attention(
         out = weights[..., : width * block] @ v_g
         if shared is not None:
             out = out + weights[..., width * block :] @ v_s.unsqueeze(2)
-        outs.append(out / denom.clamp_min(torch.finfo(ct).tiny))
+        outs.append(out / denom)
         lses.append(lse)
 
     out = torch.cat(outs, dim=2).reshape(batch, heads, n_tiles * block, -1)[:, :, grid.pad_front : grid.pad_front + n_q]
