@@ -138,7 +138,8 @@ class BigBird(FixedPattern):
         return build_layout(grid, causal, select=select, device=device)
 
     def _kernel(self, q, k, v, causal):
-        from methods.kernels.block_sparse import block_sparse_attention, kernel_tiles
+        from methods.kernels.block_sparse import kernel_tiles
+        from methods.kernels.block_sparse_bwd import block_sparse_attention
 
         require_dot_tile("block", self.block)
         n_q, n_k = q.shape[-2], k.shape[-2]

@@ -135,7 +135,8 @@ class HyperAttention(Attention):
     def _diagonal_blocks(self, q_s, k_s, v_s, block: int, kernel: bool):
         n = q_s.shape[-2]
         if kernel:
-            from methods.kernels.block_sparse import block_sparse_attention, kernel_tiles
+            from methods.kernels.block_sparse import kernel_tiles
+            from methods.kernels.block_sparse_bwd import block_sparse_attention
 
             grid = TileGrid.bottom_right(n, n, *kernel_tiles(n, n, q_s.shape[-1]))
             terms = TokenTerms(local=block)
@@ -150,7 +151,8 @@ class HyperAttention(Attention):
     def _exact_causal(self, q, k, v, kernel: bool):
         n = q.shape[-2]
         if kernel:
-            from methods.kernels.block_sparse import block_sparse_attention, kernel_tiles
+            from methods.kernels.block_sparse import kernel_tiles
+            from methods.kernels.block_sparse_bwd import block_sparse_attention
 
             grid = TileGrid.bottom_right(n, n, *kernel_tiles(n, n, q.shape[-1]))
             every = lambda: torch.ones(grid.n_tiles, grid.n_key_blocks, dtype=torch.bool, device=q.device)  # noqa: E731

@@ -144,7 +144,8 @@ class TokenPattern(FixedPattern):
         )  # fmt: skip
 
     def _kernel(self, q, k, v, causal):
-        from methods.kernels.block_sparse import block_sparse_attention, kernel_tiles
+        from methods.kernels.block_sparse import kernel_tiles
+        from methods.kernels.block_sparse_bwd import block_sparse_attention
 
         n_q, n_k = q.shape[-2], k.shape[-2]
         tiles = kernel_tiles(n_q, n_k, q.shape[-1])

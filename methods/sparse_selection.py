@@ -138,7 +138,8 @@ class BlockTopk(Attention):
         grid, blocks = self.select(q, k, causal)
         if self.kind != "kernel":
             return gathered_attention(q, k, v, block=self.block, kv_blocks=blocks, causal=causal)
-        from methods.kernels.block_sparse import block_sparse_attention, kernel_tiles
+        from methods.kernels.block_sparse import kernel_tiles
+        from methods.kernels.block_sparse_bwd import block_sparse_attention
 
         require_dot_tile("block", self.block)
         n_q, n_k = q.shape[-2], k.shape[-2]

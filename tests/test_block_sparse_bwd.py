@@ -17,8 +17,8 @@ import torch
 from helpers import FLOOR, max_err
 
 from methods import METHODS, build
-from methods.kernels.block_sparse import block_sparse_attention, block_sparse_forward, kernel_tiles
-from methods.kernels.block_sparse_bwd import block_sparse_backward, transposed_lists
+from methods.kernels.block_sparse import block_sparse_forward, kernel_tiles
+from methods.kernels.block_sparse_bwd import block_sparse_attention, block_sparse_backward, transposed_lists
 from methods.kernels.layout import TileGrid, TokenTerms, build_layout, mask_to_lists, transpose_lists
 from methods.masks import terms_mask_mod
 from methods.oracle import oracle_attention

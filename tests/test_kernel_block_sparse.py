@@ -15,7 +15,8 @@ import torch
 from helpers import FLOOR, max_err
 
 from methods import build
-from methods.kernels.block_sparse import block_sparse_attention, gather_attention, kernel_tiles
+from methods.kernels.block_sparse import gather_attention, kernel_tiles
+from methods.kernels.block_sparse_bwd import block_sparse_attention
 from methods.kernels.layout import TileGrid, TokenTerms, build_layout
 from methods.masks import dense_mask, terms_mask_mod
 from methods.oracle import oracle_attention

@@ -35,8 +35,8 @@ cores; it computes scores as row-wise dot products, FlashDecoding style.
 Both kernels fold their keys with the online softmax of
 `methods/kernels/common.py` (the block-sparse kernel's tile loop body is
 flash_fwd's). The gather kernel is forward-only; the block-sparse kernel has
-a Triton backward in `block_sparse_bwd.py`, reached through
-`block_sparse_attention` when a gradient is needed (`block_sparse_forward` is
+a Triton backward in `block_sparse_bwd.py`, whose `block_sparse_attention` (what the
+methods call) uses it when a gradient is needed (`block_sparse_forward` here is
 the forward alone), which evaluates the same element mask (`block_keep`). Under Triton's interpreter (`TRITON_INTERPRET=1`) they run on
 CPU tensors for the tests; see `common.dot_fp32` for `DOT_FP32`.
 """
@@ -70,7 +70,6 @@ from methods.kernels.layout import BlockLayout, TokenTerms
 
 __all__ = [
     "block_keep",
-    "block_sparse_attention",
     "block_sparse_forward",
     "broadcast_strides",
     "gather_attention",
@@ -371,36 +370,6 @@ def block_sparse_forward(
         num_stages=2,
     )  # fmt: skip
     return (out, lse) if return_lse else out
-
-
-def block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: BlockLayout,
-    *,
-    causal: bool,
-    terms: TokenTerms | None = None,
-    scale: float | None = None,
-    return_lse: bool = False,
-    out_dtype: torch.dtype | None = None,
-):
-    """`block_sparse_forward`, differentiable through the Triton backward of `block_sparse_bwd.py`.
-
-    Autograd is wired only where it is asked for (an input requires grad, grad
-    mode on) and for the plain output: with `return_lse` or a different
-    `out_dtype` (the merge paths of HyperAttention and decode, which are not
-    trained) it is the forward kernel alone, as when no gradient is needed, so
-    forward-only timings never pay for a saved lse.
-    """
-    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if wants_grad and not return_lse and out_dtype in (None, q.dtype):
-        from methods.kernels.block_sparse_bwd import BlockSparseAttentionFunction
-
-        return BlockSparseAttentionFunction.apply(q, k, v, layout, causal, terms, scale)
-    return block_sparse_forward(
-        q, k, v, layout, causal=causal, terms=terms, scale=scale, return_lse=return_lse, out_dtype=out_dtype
-    )
 
 
 def gather_attention(

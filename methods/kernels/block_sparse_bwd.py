@@ -364,3 +364,31 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
             grad_out, q, k, v, out, lse, ctx.layout, causal=ctx.causal, terms=ctx.terms, scale=ctx.scale
         )
         return dq, dk, dv, None, None, None, None
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    causal: bool,
+    terms: TokenTerms | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    out_dtype: torch.dtype | None = None,
+):
+    """`block_sparse_forward`, differentiable through this module's Triton backward (the entry point the methods call).
+
+    Autograd is wired only where it is asked for (an input requires grad, grad
+    mode on) and for the plain output: with `return_lse` or a different
+    `out_dtype` (the merge paths of HyperAttention and decode, which are not
+    trained) it is the forward kernel alone, as when no gradient is needed, so
+    forward-only timings never pay for a saved lse.
+    """
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if wants_grad and not return_lse and out_dtype in (None, q.dtype):
+        return BlockSparseAttentionFunction.apply(q, k, v, layout, causal, terms, scale)
+    return block_sparse_forward(
+        q, k, v, layout, causal=causal, terms=terms, scale=scale, return_lse=return_lse, out_dtype=out_dtype
+    )
