@@ -55,7 +55,7 @@ from methods.kernels.common import (
     store_rows,
     warps_for_head_dim,
 )
-from methods.kernels.flash_bwd import delta_kernel, dkdv_tile, dq_tile, row_stats
+from methods.kernels.flash_bwd import delta_kernel, dkdv_tile, dq_tile, key_block, row_stats
 from methods.kernels.layout import BlockLayout, TokenTerms, transpose_lists
 
 __all__ = ["BlockSparseAttentionFunction", "block_sparse_backward", "transposed_lists"]
@@ -210,14 +210,10 @@ def _bs_dkdv_kernel(
     lse_base = Lse + off_bh.to(tl.int64) * n_q
     delta_base = Delta + off_bh.to(tl.int64) * n_q
 
-    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    key_ok, d_ok = offs_n < n_k, offs_d < HEAD_DIM
-    # Padded keys load as 0; their rows of dK, dV are computed but never stored.
-    k = load_rows(K + off_z * stride_kz + off_h * stride_kh, offs_n, key_ok, stride_kn, offs_d, d_ok, stride_kd)
-    v = load_rows(V + off_z * stride_vz + off_h * stride_vh, offs_n, key_ok, stride_vn, offs_d, d_ok, stride_vd)
-    if DOT_FP32:
-        k, v = k.to(tl.float32), v.to(tl.float32)
+    offs_n, offs_d, key_ok, d_ok, k, v = key_block(
+        K + off_z * stride_kz + off_h * stride_kh, V + off_z * stride_vz + off_h * stride_vh,
+        stride_kn, stride_kd, stride_vn, stride_vd, blk * BLOCK_N, n_k, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_FP32,
+    )  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 

@@ -133,6 +133,25 @@ def dq_tile(dq, q, do, lse2, delta, k, v, keep, qk_scale, MASKED: tl.constexpr, 
 
 
 @triton.jit
+def key_block(
+    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, start_n, n_k,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """The key block a dK/dV program owns: its offsets, masks, and K, V tiles (dense and block-sparse alike).
+
+    Padded keys load as 0; their rows of dK, dV are computed but never stored.
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok, d_ok = offs_n < n_k, offs_d < HEAD_DIM
+    k = load_rows(k_base, offs_n, key_ok, stride_kn, offs_d, d_ok, stride_kd)
+    v = load_rows(v_base, offs_n, key_ok, stride_vn, offs_d, d_ok, stride_vd)
+    if DOT_FP32:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    return offs_n, offs_d, key_ok, d_ok, k, v
+
+
+@triton.jit
 def delta_kernel(
     Out, DO, Delta,
     stride_oz, stride_oh, stride_om, stride_od,
@@ -206,14 +225,10 @@ def _dkdv_kernel(
     delta_base = Delta + off_bh.to(tl.int64) * n_q
 
     start_n = tl.program_id(0) * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    key_ok, d_ok = offs_n < n_k, offs_d < HEAD_DIM
-    # Padded keys load as 0; their rows of dK, dV are computed but never stored.
-    k = load_rows(K + off_z * stride_kz + off_h * stride_kh, offs_n, key_ok, stride_kn, offs_d, d_ok, stride_kd)
-    v = load_rows(V + off_z * stride_vz + off_h * stride_vh, offs_n, key_ok, stride_vn, offs_d, d_ok, stride_vd)
-    if DOT_FP32:
-        k, v = k.to(tl.float32), v.to(tl.float32)
+    offs_n, offs_d, key_ok, d_ok, k, v = key_block(
+        K + off_z * stride_kz + off_h * stride_kh, V + off_z * stride_vz + off_h * stride_vh,
+        stride_kn, stride_kd, stride_vn, stride_vd, start_n, n_k, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_FP32,
+    )  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
