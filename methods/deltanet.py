@@ -303,21 +303,25 @@ class DeltaNetReference(Attention):
     Capabilities(
         non_causal=False,
         decode=False,
-        backward=False,
-        note=f"{NOTE}; the Triton kernel is forward-only and decode is the reference's recurrent step",
+        backward=True,
+        note=f"{NOTE}; the chunk loop's backward is a Triton kernel, the WY factors' is autograd; decode is the "
+        "reference's recurrent step",
     ),
     guard=triton_guard,
     description="WY/UT factors in PyTorch, chunk recurrence and outputs in one Triton kernel (fp32 state)",
 )
 class DeltaNetKernel(NoDecode, DeltaNetReference):
-    """Same parameters and preparation as the reference; the chunk loop runs in `methods/kernels/deltanet_chunk.py`.
+    """Same parameters and preparation as the reference; the chunk loop runs in `methods/kernels/deltanet_chunk.py`,
+    its backward in `deltanet_chunk_bwd.py`.
 
+    The preparation (normalisation, beta from `w_beta`) and the WY factors stay PyTorch under autograd, so their
+    gradients (w_beta's included) are autograd's; only the sequential loop over chunks is hand-differentiated.
     No decode: the recurrent step would be the reference's PyTorch (`NoDecode` refuses it).
     """
 
     def _chunked(self, q, k, v, beta, out_dtype: torch.dtype) -> torch.Tensor:
-        from methods.kernels.deltanet_chunk import deltanet_chunk_forward
+        from methods.kernels.deltanet_chunk_bwd import deltanet_chunk
 
         require_dot_tile("chunk_size", self.chunk_size)
 
-        return deltanet_chunk_forward(q, k, v, beta, chunk_size=self.chunk_size, out_dtype=out_dtype)[0]
+        return deltanet_chunk(q, k, v, beta, chunk_size=self.chunk_size, out_dtype=out_dtype)

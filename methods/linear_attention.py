@@ -337,12 +337,11 @@ def linear_step_flops(feat: int, dv: int, normalize: bool) -> int:
 # --- the methods ---------------------------------------------------------------------------------------------------
 
 REFERENCE_CAPS = Capabilities(decode=True)
-KERNEL_CAPS = Capabilities(decode=True, backward=False, note="the chunked Triton kernel is forward-only")
+# The kernel impls train: the chunked Triton forward has a Triton backward (`methods/kernels/chunked_linear_bwd.py`).
+KERNEL_CAPS = Capabilities(decode=True)
 _CAUSAL_ONLY = "causal only: lightning's per-head decay is a causal recurrence (TransNormerLLM)"
 LIGHTNING_CAPS = Capabilities(non_causal=False, decode=True, note=_CAUSAL_ONLY)
-LIGHTNING_KERNEL_CAPS = Capabilities(
-    non_causal=False, decode=True, backward=False, note=_CAUSAL_ONLY + "; forward-only kernel"
-)
+LIGHTNING_KERNEL_CAPS = Capabilities(non_causal=False, decode=True, note=_CAUSAL_ONLY)
 # Every method of the family chunks its core and floors its normaliser the same way.
 CHUNK_SIZE = Param("chunk_size", int, 64, "tokens per chunk (the kernel needs a power of two >= 16)", min=1)
 EPS_PARAM = Param("eps", float, EPS, "normaliser floor: out = phi(q)S / max(phi(q).z, eps)", min=0.0, min_open=True)
@@ -498,15 +497,26 @@ class LinearAttentionBase(Attention):
 class _KernelCore:
     """Mixin: the chunked core and the decode step run the Triton kernel (`methods/kernels/chunked_linear.py`).
 
-    The feature map and `_post` stay in PyTorch; prefill (untimed setup) uses the
-    PyTorch state. A decode step is the kernel on one token with the state as
-    its initial state, so the kernel impl's decode rows time the kernel too.
+    The feature map and `_post` stay in PyTorch (autograd carries the kernel's
+    gradients through them); prefill (untimed setup) uses the PyTorch state.
+    The core without carried state is the differentiable entry (Triton forward
+    and backward, `chunked_linear_bwd.py`), which is exactly the forward kernel
+    when no gradient is needed. A decode step is the forward kernel on one token
+    with the state as its initial state (states get no gradient), so the kernel
+    impl's decode rows time the kernel too.
     """
 
     def _core(self, phi_q, phi_k, v, causal, log_decay, initial_state=None, output_final_state=False):
         from methods.kernels.chunked_linear import chunked_linear_attention_forward
+        from methods.kernels.chunked_linear_bwd import chunked_linear_attention
 
         require_dot_tile("chunk_size", self.chunk_size)
+        if initial_state is None and not output_final_state:
+            out = chunked_linear_attention(
+                phi_q, phi_k, v, causal=causal, log_decay=log_decay, normalize=self.normalize, eps=self.eps,
+                chunk_size=self.chunk_size,
+            )  # fmt: skip
+            return out, None
         return chunked_linear_attention_forward(
             phi_q, phi_k, v, causal=causal, log_decay=log_decay, normalize=self.normalize, eps=self.eps,
             chunk_size=self.chunk_size, initial_state=initial_state, output_final_state=output_final_state,
@@ -540,7 +550,9 @@ class Linear(LinearAttentionBase):
 
 
 register_impls(
-    "linear", Linear, *family_impls("chunked PyTorch (intra-chunk masked + state)", "chunked Triton forward")
+    "linear",
+    Linear,
+    *family_impls("chunked PyTorch (intra-chunk masked + state)", "chunked Triton (forward and backward)"),
 )
 
 

@@ -100,13 +100,14 @@ register_impls(
         Capabilities(decode=True),
         description="query x key chunks with running max/sum, checkpointed chunks for O(N) backward memory",
     ),
-    # The fused form of the same online softmax is exactly softmax's kernel: its forward, this method's parameters.
+    # The fused form of the same online softmax is exactly softmax's kernel (forward and FA2 backward), with this
+    # method's parameters.
     Impl(
         "kernel",
         "kernel",
-        Capabilities(decode=True, backward=False, note="the Triton kernel is forward-only"),
+        Capabilities(decode=True),
         guard=triton_guard,
-        description="the same online softmax fused: our Triton FlashAttention-2 forward",
+        description="the same online softmax fused: our Triton FlashAttention-2 forward and backward",
         mixins=(SoftmaxKernel,),
     ),
 )

@@ -100,9 +100,10 @@ def test_non_contiguous_inputs():
 
 def test_registry_capabilities_and_guard():
     kernel = build("deltanet", impl="kernel")
-    assert kernel.kind == "kernel" and not kernel.capabilities.backward and not kernel.capabilities.non_causal
-    with pytest.raises(Unsupported, match="backward"):
-        kernel.capabilities.check(causal=True, cross=False, mode="fwd_bwd", dtype="float32")
+    assert kernel.kind == "kernel" and kernel.capabilities.backward and not kernel.capabilities.non_causal
+    kernel.capabilities.check(causal=True, cross=False, mode="fwd_bwd", dtype="float32")  # no Unsupported
+    with pytest.raises(Unsupported, match="non-causal"):
+        kernel.capabilities.check(causal=False, cross=False, mode="fwd", dtype="float32")
     with pytest.raises(Unsupported, match="causal recurrence"):
         kernel(*inputs(4), causal=False)
     assert triton_guard(torch.device("cpu")) is None  # TRITON_INTERPRET=1 (conftest)

@@ -93,8 +93,8 @@ def test_failures_become_rows_and_the_sweep_goes_on(tmp_path, fake_methods):
 
 
 def test_capability_mismatch_is_unsupported(tmp_path):
-    # memory_efficient's kernel claims no backward (softmax's kernel has one since flash_bwd.py).
-    rows = run_cells([cell("memory_efficient", "kernel", mode="fwd_bwd")], settings(tmp_path), log=lambda s: None)
+    # hyperattention's kernels are forward-only.
+    rows = run_cells([cell("hyperattention", "kernel", mode="fwd_bwd")], settings(tmp_path), log=lambda s: None)
     assert rows[0]["status"] == "unsupported"
     assert "backward" in rows[0]["reason"] or "CUDA" in rows[0]["reason"]
 

@@ -12,6 +12,9 @@ flags for what differs between the methods:
 * `HAS_INIT` / `STORE_FINAL`: start from a carried-in state and write the state
   after the last key, which is how a decode step runs (one token, the state in,
   the new state out).
+* `STORE_DEN`: also write each row's normaliser phi(q).z (before the eps
+  clamp), which the backward (`chunked_linear_bwd.py`) needs and would
+  otherwise recompute with a second C x C score tile per chunk.
 
 One program owns one (batch, head) and one block of `BLOCK_V` value columns,
 and walks the sequence in chunks of `BLOCK_C` tokens with the state
@@ -36,7 +39,7 @@ accumulation, and `DOT_FP32` under the interpreter, where `tl.dot` on 16-bit
 tiles is silently wrong. On the GPU, fp32 inputs use `input_precision="ieee"`
 (TF32 would be no more accurate than fp16); 16-bit inputs feed the tensor cores
 in their own dtype, the fp32 state cast down for the read as fla does.
-The kernel is forward-only.
+The backward lives in `chunked_linear_bwd.py`.
 """
 
 from __future__ import annotations
@@ -59,31 +62,57 @@ from methods.kernels.common import (
     store_rows,
 )
 
-__all__ = ["MAX_FEATURE_DIM", "MAX_VALUE_DIM", "chunked_linear_attention_forward", "choose_config"]
+__all__ = ["MAX_FEATURE_DIM", "MAX_VALUE_DIM", "causal_chunk_rows", "choose_config", "chunked_linear_attention_forward"]
 
 MAX_FEATURE_DIM = 512
 MAX_VALUE_DIM = 256
 
+# Configurations `bench.kernel_fit` measured over its spill budget that no tile choice here fixed: reported by
+# the check, not failed. sm_80 only: the same tiles spill 0.4 KB on sm_90.
+GPU_FIT_KNOWN = [
+    (
+        "_chunked_linear_fwd_kernel",
+        80,
+        {"BLOCK_F": 512, "BLOCK_C": 16, "DOT_FP32": False},
+        "16-bit decode at 512 padded features (cosformer from head dim 192) spills 1.4 KB on sm_80 "
+        "(5.5 KB at 4 warps, 1.8 KB at 16)",
+    ),
+]
+
+
+@triton.jit
+def causal_chunk_rows(start, offs_c, n_k, offset):
+    """`(pos, k_row, q_idx, q_row)` of the causal chunk at token `start`: its key positions and which are real,
+    and the query row at each position (bottom-right alignment: query i is token i + offset) and which exist.
+    Rows without a query point at row 0 and are masked: the forward and both backward walks index this way."""
+    pos = start + offs_c
+    k_row = pos < n_k
+    q_idx = pos - offset
+    q_row = (q_idx >= 0) & k_row
+    return pos, k_row, tl.where(q_row, q_idx, 0), q_row
+
 
 @triton.jit
 def _chunked_linear_fwd_kernel(
-    Q, K, V, Out, LogDecay, S0, Z0, S_out, Z_out,
+    Q, K, V, Out, LogDecay, S0, Z0, S_out, Z_out, Den,
     stride_qz, stride_qh, stride_qm, stride_qf,
     stride_kz, stride_kh, stride_kn, stride_kf,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_oz, stride_oh, stride_om, stride_od,
-    n_heads, n_q, n_k, eps,
+    stride_den, n_heads, n_q, n_k, eps,
     FEAT: tl.constexpr, DV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr,
     BLOCK_V: tl.constexpr, CAUSAL: tl.constexpr, HAS_DECAY: tl.constexpr, NORMALIZE: tl.constexpr,
-    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_DEN: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
-    """Grid `(cdiv(DV, BLOCK_V), batch * heads)`. States are contiguous fp32 `(B*H, FEAT, DV)` and `(B*H, FEAT)`."""
+    """Grid `(cdiv(DV, BLOCK_V), batch * heads)`. States are contiguous fp32 `(B*H, FEAT, DV)` and `(B*H, FEAT)`;
+    row `i` of (batch x head) `bh` has its normaliser at `Den + bh * stride_den + i` (fp32, STORE_DEN only)."""
     pid_v = tl.program_id(0)
     off_bh, off_z, off_h = head_offsets(n_heads)
     q_base = Q + off_z * stride_qz + off_h * stride_qh
     k_base = K + off_z * stride_kz + off_h * stride_kh
     v_base = V + off_z * stride_vz + off_h * stride_vh
     o_base = Out + off_z * stride_oz + off_h * stride_oh
+    den_base = Den + off_bh.to(tl.int64) * stride_den
 
     offs_c = tl.arange(0, BLOCK_C)
     offs_f = tl.arange(0, BLOCK_F)
@@ -110,11 +139,7 @@ def _chunked_linear_fwd_kernel(
             g = tl.load(LogDecay + off_h).to(tl.float32)
         keep = offs_c[:, None] >= offs_c[None, :]
         for start in range(0, n_k, BLOCK_C):
-            pos = start + offs_c
-            k_row = pos < n_k
-            q_idx = pos - offset
-            q_row = (q_idx >= 0) & k_row
-            q_idx = tl.where(q_row, q_idx, 0)
+            pos, k_row, q_idx, q_row = causal_chunk_rows(start, offs_c, n_k, offset)
             q = load_rows(q_base, q_idx, q_row, stride_qm, offs_f, f_mask, stride_qf)
             k = load_rows(k_base, pos, k_row, stride_kn, offs_f, f_mask, stride_kf)
             v = load_rows(v_base, pos, k_row, stride_vn, offs_v, v_mask, stride_vd)
@@ -151,6 +176,9 @@ def _chunked_linear_fwd_kernel(
             if NORMALIZE:
                 den = tl.sum(scores, 1) + tl.sum(q_in.to(tl.float32) * z[None, :], 1)
                 o = o / tl.maximum(den, eps)[:, None]
+                if STORE_DEN:
+                    # Every value block computed the same den; the first one writes it.
+                    tl.store(den_base + q_idx, den, mask=q_row & (pid_v == 0))
             store_rows(o_base, q_idx, q_row, stride_om, offs_v, v_mask, stride_od, o)
 
             # Fold the chunk into the state.
@@ -186,6 +214,8 @@ def _chunked_linear_fwd_kernel(
             if NORMALIZE:
                 den = tl.sum(q.to(tl.float32) * z[None, :], 1)
                 o = o / tl.maximum(den, eps)[:, None]
+                if STORE_DEN:
+                    tl.store(den_base + rows, den, mask=q_row & (pid_v == 0))
             store_rows(o_base, rows, q_row, stride_om, offs_v, v_mask, stride_od, o)
 
     if STORE_FINAL:
@@ -206,7 +236,7 @@ class LaunchConfig:
     num_stages: int
 
 
-def choose_config(feat: int, dv: int, n_tokens: int, chunk_size: int) -> LaunchConfig:
+def choose_config(feat: int, dv: int, n_tokens: int, chunk_size: int, dtype: torch.dtype) -> LaunchConfig:
     """A fixed heuristic (no autotune under the interpreter).
 
     The chunk is `chunk_size` (64 by default: the intra-chunk tile feeds the
@@ -214,13 +244,21 @@ def choose_config(feat: int, dv: int, n_tokens: int, chunk_size: int) -> LaunchC
     short inputs, never below 16 (`tl.dot`'s smallest operand). On the GPU the
     value block is cut so the fp32 state BLOCK_F x BLOCK_V stays at 8k
     elements (32 KB of registers per program); the interpreter takes the whole
-    value dim at once, which is fastest there.
+    value dim at once, which is fastest there. fp32 inputs (exact `ieee` dots
+    on the FMA units, operands in registers) take 16 value columns, 8 warps
+    (16 from 256 padded features) and one pipeline stage: compiled for
+    sm_80/sm_90 (`bench.kernel_fit`), the 16-bit tiles spilled 3-28 KB per
+    program in fp32 and overflowed an A100's shared memory at 512 features;
+    these spill under 1 KB.
     """
     block_f = dot_tile(feat)
     block_v = dot_tile(dv)
     block_c = dot_tile(n_tokens, cap=chunk_size)
-    if not interpreting():
-        block_v = min(block_v, max(16, 8192 // block_f))
+    if interpreting():
+        return LaunchConfig(block_c, block_f, block_v, num_warps=4, num_stages=2)
+    if dtype == torch.float32:
+        return LaunchConfig(block_c, block_f, min(block_v, 16), num_warps=16 if block_f >= 256 else 8, num_stages=1)
+    block_v = min(block_v, max(16, 8192 // block_f))
     num_warps = 8 if block_f * block_v > 4096 or block_f >= 256 else 4
     return LaunchConfig(block_c, block_f, block_v, num_warps, num_stages=2)
 
@@ -268,7 +306,11 @@ def chunked_linear_attention_forward(
     chunk_size: int = 64,
     initial_state: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     output_final_state: bool = False,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None] | None]:
+    return_den: bool = False,
+) -> (
+    tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None] | None]
+    | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None] | None, torch.Tensor | None]
+):
     """Linear attention over feature-mapped inputs, same contract as `linear_attention_chunked` (the reference).
 
     Args:
@@ -279,9 +321,11 @@ def chunked_linear_attention_forward(
         normalize: divide by max(phi(q).z, eps).
         initial_state: `(S (B, H, F, Dv), z (B, H, F) or None)`, any float dtype (used as fp32).
         output_final_state: also return the fp32 state after the last key.
+        return_den: also return each query's normaliser phi(q).z before the eps clamp, `(batch, heads, n_q)`
+            fp32 (0 for queries that see no key; None when not normalize): what the backward needs.
 
     Returns:
-        `(out (batch, heads, n_q, Dv) in v's dtype, (S, z) or None)`.
+        `(out (batch, heads, n_q, Dv) in v's dtype, (S, z) or None)`, and the normaliser last when `return_den`.
     """
     _check_inputs(phi_q, phi_k, v, causal, log_decay, chunk_size)
     batch, heads, n_q, feat = phi_q.shape
@@ -301,11 +345,17 @@ def chunked_linear_attention_forward(
         s0 = z0 = None
 
     out = torch.empty(batch, heads, n_q, dv, dtype=v.dtype, device=device)
-    q_in, out_view = phi_q, out
+    # Zeros: queries the kernel never visits (before the first key) see no key, so their normaliser is 0.
+    den = torch.zeros(batch, heads, n_q, dtype=f32, device=device) if return_den and normalize else None
+    q_in, out_view, den_view = phi_q, out, den
     if causal and n_q > n_k:
         # The first n_q - n_k queries sit before the first key: exactly 0, and the kernel sees a square problem.
         out[:, :, : n_q - n_k].zero_()
         q_in, out_view = phi_q[:, :, n_q - n_k :], out[:, :, n_q - n_k :]
+        den_view = den[:, :, n_q - n_k :] if den is not None else None
+
+    def done(state: tuple[torch.Tensor, torch.Tensor | None] | None):
+        return (out, state, den) if return_den else (out, state)
 
     def initial_or_zero() -> tuple[torch.Tensor, torch.Tensor | None]:
         if s0 is not None:
@@ -320,11 +370,14 @@ def chunked_linear_attention_forward(
         else:
             out_ref = phi_q.to(f32) @ s0
             if normalize:
-                out_ref = out_ref / (phi_q.to(f32) @ z0.unsqueeze(-1)).clamp_min(eps)
+                den_ref = (phi_q.to(f32) @ z0.unsqueeze(-1)).squeeze(-1)
+                out_ref = out_ref / den_ref.clamp_min(eps).unsqueeze(-1)
+                if den is not None:
+                    den.copy_(den_ref)
             out.copy_(out_ref)
-        return out, (initial_or_zero() if output_final_state else None)
+        return done(initial_or_zero() if output_final_state else None)
     if out_view.numel() == 0 and not output_final_state:
-        return out, None
+        return done(None)
 
     dummy = torch.empty(1, dtype=f32, device=device)
     if q_in.shape[2] == 0:  # only the final state is wanted: no query row is ever loaded or stored
@@ -336,13 +389,14 @@ def chunked_linear_attention_forward(
     z_out = torch.empty(batch, heads, feat, dtype=f32, device=device) if output_final_state and normalize else dummy
     decay = log_decay.to(device=device, dtype=f32).contiguous() if log_decay is not None else dummy
 
-    cfg = choose_config(feat, dv, max(n_k, n_q_eff), chunk_size)
+    cfg = choose_config(feat, dv, max(n_k, n_q_eff), chunk_size, v.dtype)
     grid = (triton.cdiv(dv, cfg.block_v), batch * heads)
     _chunked_linear_fwd_kernel[grid](
         q_in, phi_k, v, out_view, decay,
         s0 if s0 is not None else dummy, z0 if z0 is not None else dummy, s_out, z_out,
+        den_view if den_view is not None and den_view.numel() else dummy,
         *q_in.stride(), *phi_k.stride(), *v.stride(), *out_view.stride(),
-        heads, n_q_eff, n_k, float(eps),
+        den.stride(1) if den is not None else 0, heads, n_q_eff, n_k, float(eps),
         FEAT=feat,
         DV=dv,
         BLOCK_C=cfg.block_c,
@@ -353,10 +407,9 @@ def chunked_linear_attention_forward(
         NORMALIZE=bool(normalize),
         HAS_INIT=s0 is not None,
         STORE_FINAL=bool(output_final_state),
+        STORE_DEN=den is not None,
         DOT_FP32=dot_fp32(v.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )  # fmt: skip
-    if not output_final_state:
-        return out, None
-    return out, (s_out, z_out if normalize else None)
+    return done((s_out, z_out if normalize else None) if output_final_state else None)

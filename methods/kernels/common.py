@@ -49,6 +49,7 @@ __all__ = [
     "require_cuda",
     "softmax_state",
     "store_rows",
+    "tile_dot",
     "warps_for_head_dim",
 ]
 
@@ -59,6 +60,16 @@ MAX_HEAD_DIM = 256
 
 
 # --- device side ------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def tile_dot(a, b, DOT_FP32: tl.constexpr):
+    """`a @ b` in fp32: exact fp32 products (`input_precision="ieee"`, not TF32) for fp32 tiles and under the
+    interpreter, the tensor cores' native 16-bit products with fp32 accumulation otherwise (see `common.dot_fp32`)."""
+    if DOT_FP32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
 
 
 @triton.jit
@@ -211,19 +222,27 @@ def is_dot_tile(n: int) -> bool:
     return n >= 16 and not n & (n - 1)
 
 
-def attention_tiles(n_q: int, n_k: int, head_dim: int) -> tuple[int, int]:
+def attention_tiles(n_q: int, n_k: int, head_dim: int, dtype: torch.dtype | None = None) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the softmax kernels, a fixed heuristic instead of `triton.autotune` (no autotune
     under the interpreter).
 
     64 x 64 tiles by default: big enough to keep the tensor cores busy on the
     GPU and to keep the interpreter's per-op overhead low on CPU. Short
     sequences (decode, tiny tests) shrink the tile to the next power of two,
-    never below 16. At head_dim 256 the K/V tiles would overflow shared memory
-    with two pipeline stages, so on the GPU the key tile shrinks to 32.
+    never below 16. On the GPU (sizes from compiling every configuration for
+    sm_80 and sm_90, `bench.kernel_fit`): at head_dim 256 the K/V tiles would
+    overflow shared memory with two pipeline stages, so the key tile shrinks to
+    32; fp32 from head_dim 64 on takes 32 x 32, because fp32 `ieee` dots run on
+    the FMA units with their operands in registers, and 64-wide fp32 tiles
+    spilled 2-28 KB per program (fp32 is the GPU's correctness dtype, not its
+    speed one).
     """
     block_m, block_n = dot_tile(n_q, 64), dot_tile(n_k, 64)
-    if head_dim > 128 and not interpreting():
-        block_n = min(block_n, 32)
+    if not interpreting():
+        if head_dim > 128:
+            block_n = min(block_n, 32)
+        if dtype == torch.float32 and head_dim > 32:
+            block_m, block_n = min(block_m, 32), min(block_n, 32)
     return block_m, block_n
 
 

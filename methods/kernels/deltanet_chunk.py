@@ -26,10 +26,12 @@ Conventions are those of `flash_fwd.py`: SDPA layout, any strides for q/k/out, f
 `tl.dot` on 16-bit tiles is silently wrong. On the GPU, 16-bit inputs feed the tensor cores in their own
 dtype (q, k, W, U are cast to it; S is cast for each product and accumulated in fp32), as fla does.
 
-Forward only: the reference's autograd is the backward.
+The backward is `deltanet_chunk_bwd.py`; for it, this kernel can also store the state before every chunk.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -49,7 +51,14 @@ from methods.kernels.common import (
 )
 from methods.kernels.wy import wy_factors
 
-__all__ = ["deltanet_chunk_forward", "MAX_HEAD_DIM"]
+__all__ = [
+    "MAX_FP32_HEAD_DIM_ON_GPU",
+    "MAX_HEAD_DIM",
+    "LaunchConfig",
+    "choose_config",
+    "deltanet_chunk_forward",
+    "launch_chunk_loop",
+]
 
 MAX_HEAD_DIM = 256
 
@@ -66,8 +75,13 @@ def _deltanet_chunk_fwd_kernel(
     D_K: tl.constexpr, D_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_V: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    States=None, STORE_STATES: tl.constexpr = False,
 ):  # fmt: skip
-    """Grid `(cdiv(d_v, BLOCK_V), batch * heads)`; states S0/ST are contiguous fp32 `(B, H, d_k, d_v)`."""
+    """Grid `(cdiv(d_v, BLOCK_V), batch * heads)`; states S0/ST are contiguous fp32 `(B, H, d_k, d_v)`.
+
+    STORE_STATES (the differentiable entry in `deltanet_chunk_bwd.py`): also write the state *before* each
+    chunk to `States`, contiguous fp32 `(B, H, n_chunks, d_k, d_v)`, for the backward's reverse walk.
+    """
     pid_v = tl.program_id(0)
     off_bh, off_z, off_h = head_offsets(n_heads)
     q_base = Q + off_z * stride_qz + off_h * stride_qh
@@ -91,6 +105,8 @@ def _deltanet_chunk_fwd_kernel(
     causal = offs_c[:, None] >= offs_c[None, :]  # inclusive: a token's output reads its own update
 
     for i in range(0, n_chunks):
+        if STORE_STATES:  # s_offs already holds off_bh * D_K * D_V: this is States[off_bh, i] + the tile
+            tl.store(States + (off_bh.to(tl.int64) * (n_chunks - 1) + i) * D_K * D_V + s_offs, s, mask=s_mask)
         rows = i * BLOCK_C + offs_c
         row_ok = rows < n_tokens
         q = load_rows(q_base, rows, row_ok, stride_qn, offs_k, k_ok, stride_qd)
@@ -117,6 +133,95 @@ def _deltanet_chunk_fwd_kernel(
 
     if STORE_FINAL_STATE:
         tl.store(ST + s_offs, s, mask=s_mask)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tiles and launch parameters of the forward kernel (see `choose_config`)."""
+
+    block_k: int
+    block_v: int
+    num_warps: int
+    num_stages: int
+
+
+# Configurations `bench.kernel_fit` measured over its spill budget that no tile choice here fixed: reported by
+# the check, not failed. sm_80 only: the same tiles fit sm_90.
+GPU_FIT_KNOWN = [
+    (
+        "_deltanet_chunk_fwd_kernel",
+        80,
+        {"BLOCK_K": 256, "DOT_FP32": False},
+        "16-bit d_k 256 on sm_80 spills 1.6-2.2 KB at every value block, warp and stage count tried (16/32, 4/8, 1/2)",
+    ),
+]
+MAX_FP32_HEAD_DIM_ON_GPU = 128  # fp32 64 x d_k tiles at d_k 256 need 192-252 KB of shared memory
+
+
+def choose_config(d_k: int, d_v: int, out_dtype: torch.dtype) -> LaunchConfig:
+    """Whole head dims under the interpreter (fewest, largest ops); on the GPU a value block that fits.
+
+    Sizes from compiling every configuration for sm_80 and sm_90 (`bench.kernel_fit`): the d_k x BLOCK_V fp32
+    state stays in registers, so 16-bit inputs take 64 value columns (32 and one pipeline stage at a padded
+    d_k of 256, where 64 columns needed 232 KB of shared memory, over an H100's 227 KB); fp32 inputs, whose
+    exact `ieee` dots run on the FMA units with operands in registers, take 16 columns, 8 warps and one stage
+    (64 columns spilled 2-24 KB), and stop at d_k 128: at 256 the chunk's fp32 q/k/W tiles alone overflow
+    an A100's shared memory (a ValueError that says so, before any launch).
+    """
+    block_k, block_v = dot_tile(d_k), dot_tile(d_v)
+    if interpreting():
+        return LaunchConfig(block_k, block_v, num_warps=4, num_stages=2)
+    if out_dtype == torch.float32:
+        if d_k > MAX_FP32_HEAD_DIM_ON_GPU:
+            raise ValueError(
+                f"d_k {d_k} in float32 is not supported on the GPU (supported up to {MAX_FP32_HEAD_DIM_ON_GPU}: "
+                "larger fp32 tiles exceed shared memory); use bfloat16/float16 or impl=reference"
+            )
+        return LaunchConfig(block_k, min(block_v, 16), num_warps=8, num_stages=1)
+    if block_k > 128:
+        return LaunchConfig(block_k, min(block_v, 32), num_warps=8, num_stages=1)
+    return LaunchConfig(block_k, min(block_v, 64), num_warps=4 if block_k <= 64 else 8, num_stages=2)
+
+
+def launch_chunk_loop(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    out: torch.Tensor,
+    chunk_size: int,
+    initial_state: torch.Tensor | None = None,
+    final_state: torch.Tensor | None = None,
+    states: torch.Tensor | None = None,
+) -> None:
+    """Run the chunk loop on prepared operands (q, k, W, U in the operand dtype) into `out`.
+
+    `initial_state` / `final_state`: contiguous fp32 `(B, H, d_k, d_v)` read before the first chunk / written
+    after the last. `states`: contiguous fp32 `(B, H, n_chunks, d_k, d_v)` receiving the state before every
+    chunk, what the backward (`deltanet_chunk_bwd.py`) walks back through.
+    """
+    batch, heads, n, d_k = k.shape
+    d_v = u.shape[3]
+    cfg = choose_config(d_k, d_v, out.dtype)
+    dummy = out  # never read or written when the matching flag is off
+    _deltanet_chunk_fwd_kernel[(triton.cdiv(d_v, cfg.block_v), batch * heads)](
+        q, k, w, u, out,
+        initial_state if initial_state is not None else dummy, final_state if final_state is not None else dummy,
+        *q.stride(), *k.stride(), *w.stride(), *u.stride(), *out.stride(),
+        heads, n, triton.cdiv(n, chunk_size),
+        D_K=d_k,
+        D_V=d_v,
+        BLOCK_C=chunk_size,
+        BLOCK_K=cfg.block_k,
+        BLOCK_V=cfg.block_v,
+        USE_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=final_state is not None,
+        DOT_FP32=dot_fp32(out.dtype),
+        States=states if states is not None else dummy,
+        STORE_STATES=states is not None,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
 
 
 def _check_inputs(q, k, v, beta, chunk_size: int, initial_state) -> None:
@@ -185,26 +290,5 @@ def deltanet_chunk_forward(
             final.copy_(s0 if s0 is not None else torch.zeros_like(final))
         return out, final
 
-    block_k = dot_tile(d_k)
-    block_v = dot_tile(d_v)
-    if not interpreting():
-        block_v = min(block_v, 64)  # the state tile stays in registers: d_k x 64 fp32 per program
-    grid = (triton.cdiv(d_v, block_v), batch * heads)
-    dummy = out  # never read or written when the matching flag is off
-    _deltanet_chunk_fwd_kernel[grid](
-        q, k, w, u, out,
-        s0 if s0 is not None else dummy, final if final is not None else dummy,
-        *q.stride(), *k.stride(), *w.stride(), *u.stride(), *out.stride(),
-        heads, n, triton.cdiv(n, chunk_size),
-        D_K=d_k,
-        D_V=d_v,
-        BLOCK_C=chunk_size,
-        BLOCK_K=block_k,
-        BLOCK_V=block_v,
-        USE_INITIAL_STATE=s0 is not None,
-        STORE_FINAL_STATE=final is not None,
-        DOT_FP32=use_fp32_dot,
-        num_warps=4 if block_k <= 64 else 8,
-        num_stages=2,
-    )  # fmt: skip
+    launch_chunk_loop(q, k, w, u, out, chunk_size, initial_state=s0, final_state=final)
     return out, final

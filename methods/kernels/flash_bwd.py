@@ -55,6 +55,7 @@ from methods.kernels.common import (
     interpreting,
     load_rows,
     store_rows,
+    tile_dot,
 )
 from methods.kernels.flash_fwd import LaunchConfig, choose_config, flash_attention_forward
 
@@ -71,16 +72,6 @@ __all__ = [
 
 
 # --- device side ------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr):
-    """`a @ b` in fp32: exact fp32 products (`input_precision="ieee"`, not TF32) for fp32 tiles and under the
-    interpreter, the tensor cores' native 16-bit products with fp32 accumulation otherwise (see `common.dot_fp32`)."""
-    if DOT_FP32:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -106,14 +97,14 @@ def dkdv_tile(dk, dv, k, v, q, do, lse2, delta, keep_t, qk_scale, MASKED: tl.con
     visits and in its element mask. `keep_t` (keys x queries) is read only when MASKED: P is zeroed where it is
     False (tl.where selects, so a hidden pair's exp2 overflowing to inf never reaches the sums).
     """
-    p_t = tl.math.exp2(_dot(k, tl.trans(q), DOT_FP32) * qk_scale - lse2[None, :])
+    p_t = tl.math.exp2(tile_dot(k, tl.trans(q), DOT_FP32) * qk_scale - lse2[None, :])
     if MASKED:
         p_t = tl.where(keep_t, p_t, 0.0)
     # As FA2: P and dS are cast to the inputs' 16-bit type for the tensor cores (a no-op in DOT_FP32).
-    dv += _dot(p_t.to(do.dtype), do, DOT_FP32)
-    dp_t = _dot(v, tl.trans(do), DOT_FP32)
+    dv += tile_dot(p_t.to(do.dtype), do, DOT_FP32)
+    dp_t = tile_dot(v, tl.trans(do), DOT_FP32)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += _dot(ds_t.to(q.dtype), q, DOT_FP32)
+    dk += tile_dot(ds_t.to(q.dtype), q, DOT_FP32)
     return dk, dv
 
 
@@ -123,12 +114,12 @@ def dq_tile(dq, q, do, lse2, delta, k, v, keep, qk_scale, MASKED: tl.constexpr, 
 
     Shared with the block-sparse backward; `keep` (queries x keys) is read only when MASKED.
     """
-    p = tl.math.exp2(_dot(q, tl.trans(k), DOT_FP32) * qk_scale - lse2[:, None])
+    p = tl.math.exp2(tile_dot(q, tl.trans(k), DOT_FP32) * qk_scale - lse2[:, None])
     if MASKED:
         p = tl.where(keep, p, 0.0)
-    dp = _dot(do, tl.trans(v), DOT_FP32)
+    dp = tile_dot(do, tl.trans(v), DOT_FP32)
     ds = p * (dp - delta[:, None])
-    dq += _dot(ds.to(k.dtype), k, DOT_FP32)
+    dq += tile_dot(ds.to(k.dtype), k, DOT_FP32)
     return dq
 
 
