@@ -85,7 +85,9 @@ class MemoryEfficient(Attention):
                 acc = acc * a_old + co * a_new
                 s = s * a_old + cs * a_new
                 m = new_m
-            outs.append(acc / s.clamp_min(torch.finfo(ct).tiny))
+            # s >= 1 where a key is visible (the running max contributes exp(0)); 0 for an empty row, which
+            # divides by 1 so that its gradients are 0, not NaN.
+            outs.append(acc / s.clamp_min(1.0))
         if not outs:
             return q.new_zeros(batch, heads, 0, v.shape[-1])
         return torch.cat(outs, dim=2).to(q.dtype)

@@ -67,7 +67,9 @@ def oracle_attention(
         row_max = scores.amax(-1, keepdim=True)
         empty_row = torch.isinf(row_max) & (row_max < 0)
         weights = torch.exp(scores - row_max.masked_fill(empty_row, 0.0))
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        # A non-empty row sums to >= 1 (its max contributes exp(0)); an empty row sums to 0 and divides by 1,
+        # so its output and its gradients are 0 (dividing by `tiny` made the backward 0 * inf = NaN).
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1.0)
         blocks.append(weights @ v)
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-2)
 

@@ -143,7 +143,7 @@ class BlockTopk(Attention):
 
         require_dot_tile("block", self.block)
         n_q, n_k = q.shape[-2], k.shape[-2]
-        kgrid = TileGrid.bottom_right(n_q, n_k, *kernel_tiles(n_q, n_k, q.shape[-1], pattern_block=self.block))
+        kgrid = TileGrid.bottom_right(n_q, n_k, *kernel_tiles(n_q, n_k, q.shape[-1], pattern_block=self.block, dtype=q.dtype))
         table = self._as_table(grid, blocks)
         layout = build_layout(kgrid, causal, select=expand_block_table(table, self.block, grid.first_tile, kgrid))
         return block_sparse_attention(q, k, v, layout, causal=causal)
@@ -251,7 +251,7 @@ class Topk(Attention):
             finite = torch.isfinite(vals)
             m = vals.amax(-1, keepdim=True).masked_fill(~finite[..., :1], 0.0)
             w = torch.exp(vals - m)
-            w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+            w = w / w.sum(-1, keepdim=True).clamp_min(1.0)  # >= 1 unless the row is empty: then 0, not NaN
             # Scattering the k weights back into their score row and multiplying by V reads V once per chunk;
             # gathering k values per query would move N x k x d numbers. Selection already costs N x n_k x d.
             dense = torch.zeros(*idx.shape[:3], k.shape[-2], dtype=w.dtype, device=w.device).scatter(-1, idx, w)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from methods import build
 from methods.base import causal_visible_keys, computed_pairs_dense
 from methods.oracle import fidelity, oracle_attention
 
@@ -62,3 +63,28 @@ def test_fidelity_metrics():
     max_abs, rel = fidelity(torch.tensor([[3.0, 4.5]]), ref)
     assert max_abs == pytest.approx(0.5)
     assert rel == pytest.approx(0.5 / 5.0)
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [
+        lambda q, k, v: oracle_attention(q, k, v, causal=True),
+        lambda q, k, v: build("memory_efficient", query_chunk=4, key_chunk=3)(q, k, v, causal=True),
+        lambda q, k, v: build("topk", top_k=2)(q, k, v, causal=True),
+    ],
+    ids=["oracle", "memory_efficient", "topk"],
+)
+def test_rows_that_see_no_key_have_zero_gradients_not_nan(attention):
+    """Causal with more queries than keys: the first n_q - n_k queries see nothing (output 0). Their softmax
+    denominator is 0; dividing by fp32's `tiny` (1/tiny = 8.5e37) instead of 1 overflowed the backward to
+    inf once |dO . v| > 4, and 0 * inf = NaN."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, n, 8, generator=gen).requires_grad_() for n in (12, 5))
+    v = (10 * torch.randn(1, 2, 5, 8, generator=gen)).requires_grad_()
+    out = attention(q, k, v)
+    out.backward(torch.randn(out.shape, generator=gen))
+    assert torch.equal(out[:, :, :7], torch.zeros_like(out[:, :, :7]))
+    for name, t in zip("qkv", (q, k, v), strict=True):
+        assert t.grad.isfinite().all(), f"d{name} has non-finite entries"
+    assert torch.equal(q.grad[:, :, :7], torch.zeros_like(q.grad[:, :, :7]))
+    assert q.grad[:, :, 7:].abs().sum() > 0
