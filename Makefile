@@ -8,7 +8,7 @@ RUN_ID  ?= $(shell date -u +%Y%m%d-%H%M%S)
 RESULTS ?= results/latest
 ARGS    ?=
 
-.PHONY: install bench test test-all lint report list clean-results compare gpu-wheels
+.PHONY: install bench test test-all lint report list clean-results compare gpu-wheels kernel-fit
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -42,6 +42,11 @@ CAND         ?= results/latest
 COMPARE_ARGS ?= --normalize-by sdpa
 compare: $(STAMP)
 	$(PYTHON) -m bench.compare $(BASE) $(CAND) $(COMPARE_ARGS)
+
+# Do the Triton kernels fit an A100 (sm_80) and an H100 (sm_90)? Compiled here, no GPU needed; ARGS=--all for
+# every configuration instead of one per tile shape. Updates the committed cache results/baselines/kernel_fit.json.
+kernel-fit: $(STAMP)
+	env -u TRITON_INTERPRET $(PYTHON) -m bench.kernel_fit $(ARGS)
 
 # The device check's offline wheels (scripts/gpu_check.sh): the GPU machine has no network and its image lacks
 # Hydra. Run on a connected machine; the versions are the ones .venv runs. antlr4-python3-runtime 4.9.3 (what

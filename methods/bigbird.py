@@ -143,7 +143,7 @@ class BigBird(FixedPattern):
 
         require_dot_tile("block", self.block)
         n_q, n_k = q.shape[-2], k.shape[-2]
-        tiles = kernel_tiles(n_q, n_k, q.shape[-1], pattern_block=self.block)
+        tiles = kernel_tiles(n_q, n_k, q.shape[-1], pattern_block=self.block, dtype=q.dtype)
         key = ("kernel", n_q, n_k, tiles, causal, str(q.device))
         layout = self.layouts.get(key, lambda: self._kernel_layout(n_q, n_k, tiles, causal, q.device))
         return block_sparse_attention(q, k, v, layout, causal=causal)

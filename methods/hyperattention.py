@@ -138,7 +138,7 @@ class HyperAttention(Attention):
             from methods.kernels.block_sparse import kernel_tiles
             from methods.kernels.block_sparse_bwd import block_sparse_attention
 
-            grid = TileGrid.bottom_right(n, n, *kernel_tiles(n, n, q_s.shape[-1]))
+            grid = TileGrid.bottom_right(n, n, *kernel_tiles(n, n, q_s.shape[-1], dtype=q_s.dtype))
             terms = TokenTerms(local=block)
             key = ("diagonal", grid, str(q_s.device))
             layout = self._layouts.get(key, lambda: build_layout(grid, False, terms, device=q_s.device))
@@ -154,7 +154,7 @@ class HyperAttention(Attention):
             from methods.kernels.block_sparse import kernel_tiles
             from methods.kernels.block_sparse_bwd import block_sparse_attention
 
-            grid = TileGrid.bottom_right(n, n, *kernel_tiles(n, n, q.shape[-1]))
+            grid = TileGrid.bottom_right(n, n, *kernel_tiles(n, n, q.shape[-1], dtype=q.dtype))
             every = lambda: torch.ones(grid.n_tiles, grid.n_key_blocks, dtype=torch.bool, device=q.device)  # noqa: E731
             key = ("causal", grid, str(q.device))
             layout = self._layouts.get(key, lambda: build_layout(grid, True, select=every(), device=q.device))

@@ -148,7 +148,7 @@ class TokenPattern(FixedPattern):
         from methods.kernels.block_sparse_bwd import block_sparse_attention
 
         n_q, n_k = q.shape[-2], k.shape[-2]
-        tiles = kernel_tiles(n_q, n_k, q.shape[-1])
+        tiles = kernel_tiles(n_q, n_k, q.shape[-1], dtype=q.dtype)
         terms = self.terms(causal)
         key = ("kernel", n_q, n_k, tiles, causal, str(q.device))
         grid = TileGrid.bottom_right(n_q, n_k, *tiles)

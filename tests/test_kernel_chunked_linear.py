@@ -181,10 +181,11 @@ def test_based_kernel_matches_reference() -> None:
 
 def test_config_keeps_the_state_tile_small_on_gpu(monkeypatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    cfg = choose_config(256, 64, 4096, 64, torch.bfloat16)
+    cfg = choose_config(256, 64, 4096, 64, torch.bfloat16, causal=False)
     assert (cfg.block_c, cfg.block_f) == (64, 256) and cfg.block_f * cfg.block_v <= 8192
+    assert choose_config(256, 64, 4096, 64, torch.bfloat16, causal=True).block_c == 32  # q, k and scores live
     assert choose_config(153, 64, 1, 64, torch.float16).block_c == 16  # one decode token: tl.dot's smallest tile
-    fp32 = choose_config(64, 64, 4096, 64, torch.float32)  # exact fp32 dots hold operands in registers
+    fp32 = choose_config(64, 64, 4096, 64, torch.float32, causal=False)  # exact fp32 dots: operands in registers
     assert (fp32.block_c, fp32.block_v, fp32.num_stages) == (64, 16, 1)
 
 

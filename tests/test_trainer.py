@@ -59,7 +59,7 @@ def test_factory_is_called_once_per_layer():
 
 def test_untrainable_methods_are_unsupported_with_a_reason():
     with pytest.raises(Unsupported, match="cannot be trained: backward is not supported"):
-        check_trainable(get_impl("memory_efficient", "kernel").capabilities, "memory_efficient/kernel")
+        check_trainable(get_impl("hyperattention", "kernel").capabilities, "hyperattention/kernel")
     with pytest.raises(Unsupported, match="non-causal"):  # DeltaNet is a causal recurrence
         tiny_model(method="deltanet", causal=False)
 

@@ -265,13 +265,16 @@ def _gather_fwd_kernel(
     )
 
 
-def kernel_tiles(n_q: int, n_k: int, head_dim: int, pattern_block: int | None = None) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): 64 x 64 as flash_fwd, shrunk for short inputs and for head_dim 256 on the GPU.
+def kernel_tiles(
+    n_q: int, n_k: int, head_dim: int, pattern_block: int | None = None, dtype: torch.dtype | None = None
+) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): flash_fwd's (`attention_tiles`: 64 x 64, shrunk for short inputs, and on the GPU for
+    head_dim 256 and for fp32).
 
     With a block-level pattern the tiles must divide its block, so the block
     must be a power of two >= 16 (`tl.dot`'s smallest operand).
     """
-    block_m, block_n = attention_tiles(n_q, n_k, head_dim)
+    block_m, block_n = attention_tiles(n_q, n_k, head_dim, dtype)
     if pattern_block is not None:
         if not is_dot_tile(pattern_block):
             raise ValueError(f"the block-sparse kernel needs a power-of-two block >= 16, got {pattern_block}")

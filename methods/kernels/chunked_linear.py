@@ -236,7 +236,9 @@ class LaunchConfig:
     num_stages: int
 
 
-def choose_config(feat: int, dv: int, n_tokens: int, chunk_size: int, dtype: torch.dtype) -> LaunchConfig:
+def choose_config(
+    feat: int, dv: int, n_tokens: int, chunk_size: int, dtype: torch.dtype, causal: bool = True
+) -> LaunchConfig:
     """A fixed heuristic (no autotune under the interpreter).
 
     The chunk is `chunk_size` (64 by default: the intra-chunk tile feeds the
@@ -249,13 +251,21 @@ def choose_config(feat: int, dv: int, n_tokens: int, chunk_size: int, dtype: tor
     (16 from 256 padded features) and one pipeline stage: compiled for
     sm_80/sm_90 (`bench.kernel_fit`), the 16-bit tiles spilled 3-28 KB per
     program in fp32 and overflowed an A100's shared memory at 512 features;
-    these spill under 1 KB.
+    these spill under 1 KB. A causal walk from 128 padded features on takes
+    32-token chunk tiles on the GPU, 16 from 512 (its q, k and C x C score
+    tiles are live together: 64-token tiles spilled 10-14 KB on sm_80 and
+    needed 260 KB of shared memory in fp32 at 512 features; 32-token ones
+    still spilled 4.4 KB at 512); the outputs are the same for any
+    chunk, which only sets how the causal sum is split between the state and
+    the explicit tile.
     """
     block_f = dot_tile(feat)
     block_v = dot_tile(dv)
     block_c = dot_tile(n_tokens, cap=chunk_size)
     if interpreting():
         return LaunchConfig(block_c, block_f, block_v, num_warps=4, num_stages=2)
+    if causal and block_f >= 128:
+        block_c = min(block_c, 16 if block_f >= 512 else 32)
     if dtype == torch.float32:
         return LaunchConfig(block_c, block_f, min(block_v, 16), num_warps=16 if block_f >= 256 else 8, num_stages=1)
     block_v = min(block_v, max(16, 8192 // block_f))
@@ -389,7 +399,7 @@ def chunked_linear_attention_forward(
     z_out = torch.empty(batch, heads, feat, dtype=f32, device=device) if output_final_state and normalize else dummy
     decay = log_decay.to(device=device, dtype=f32).contiguous() if log_decay is not None else dummy
 
-    cfg = choose_config(feat, dv, max(n_k, n_q_eff), chunk_size, v.dtype)
+    cfg = choose_config(feat, dv, max(n_k, n_q_eff), chunk_size, v.dtype, causal)
     grid = (triton.cdiv(dv, cfg.block_v), batch * heads)
     _chunked_linear_fwd_kernel[grid](
         q_in, phi_k, v, out_view, decay,

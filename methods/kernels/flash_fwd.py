@@ -53,7 +53,6 @@ from methods.kernels.common import (
     finish_rows,
     fold_key_tile,
     head_offsets,
-    interpreting,
     load_rows,
     softmax_state,
     store_rows,
@@ -173,13 +172,9 @@ class LaunchConfig:
 
 
 def choose_config(n_q: int, n_k: int, head_dim: int, dtype: torch.dtype) -> LaunchConfig:
-    """`common.attention_tiles` (64 x 64, shrunk for short inputs; key tile 32 at head_dim 256 on the GPU),
-    with the query tile shrunk to 32 too for fp32 at head_dim 256, where two pipeline stages of fp32 tiles
-    would overflow shared memory. fp32 at head_dim 128 with 64 x 64 fits in an H100's 228 KB."""
+    """`common.attention_tiles` (64 x 64, shrunk for short inputs, for head_dim 256 and for fp32 on the GPU)."""
     block_d = dot_tile(head_dim)
-    block_m, block_n = attention_tiles(n_q, n_k, head_dim)
-    if block_d > 128 and dtype == torch.float32 and not interpreting():
-        block_m = min(block_m, 32)
+    block_m, block_n = attention_tiles(n_q, n_k, head_dim, dtype)
     return LaunchConfig(block_m, block_n, block_d, warps_for_head_dim(block_d), num_stages=2)
 
 
