@@ -137,7 +137,7 @@ def _deltanet_chunk_fwd_kernel(
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tiles and launch parameters of the forward kernel (see `choose_config`)."""
+    """Tiles and launch parameters of a chunk kernel (`choose_config`; `deltanet_chunk_bwd.choose_backward_config`)."""
 
     block_k: int
     block_v: int
