@@ -62,7 +62,15 @@ from methods.kernels.common import (
     store_rows,
 )
 
-__all__ = ["MAX_FEATURE_DIM", "MAX_VALUE_DIM", "causal_chunk_rows", "choose_config", "chunked_linear_attention_forward"]
+__all__ = [
+    "MAX_FEATURE_DIM",
+    "MAX_VALUE_DIM",
+    "causal_chunk_rows",
+    "causal_walk_setup",
+    "chunk_offsets",
+    "choose_config",
+    "chunked_linear_attention_forward",
+]
 
 MAX_FEATURE_DIM = 512
 MAX_VALUE_DIM = 256
@@ -78,6 +86,26 @@ GPU_FIT_KNOWN = [
         "(5.5 KB at 4 warps, 1.8 KB at 16)",
     ),
 ]
+
+
+@triton.jit
+def chunk_offsets(pid_v, FEAT: tl.constexpr, DV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr,
+                  BLOCK_V: tl.constexpr):  # fmt: skip
+    """`(offs_c, offs_f, offs_v, f_mask, v_mask)`: a chunk's rows, the features, and this program's value block.
+    BLOCK_F / BLOCK_V are the dims rounded up to powers of two (tl.arange needs them); the pad is masked to 0."""
+    offs_f = tl.arange(0, BLOCK_F)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    return tl.arange(0, BLOCK_C), offs_f, offs_v, offs_f < FEAT, offs_v < DV
+
+
+@triton.jit
+def causal_walk_setup(n_q, n_k, LogDecay, off_h, offs_c, HAS_DECAY: tl.constexpr):
+    """`(offset, g, keep)` of a causal walk: bottom-right alignment (query i is token i + offset, the wrapper
+    makes offset >= 0), the head's log-decay (0 without decay) and the chunk's causal mask (row >= column)."""
+    g = 0.0
+    if HAS_DECAY:
+        g = tl.load(LogDecay + off_h).to(tl.float32)
+    return n_k - n_q, g, offs_c[:, None] >= offs_c[None, :]
 
 
 @triton.jit
@@ -114,12 +142,7 @@ def _chunked_linear_fwd_kernel(
     o_base = Out + off_z * stride_oz + off_h * stride_oh
     den_base = Den + off_bh.to(tl.int64) * stride_den
 
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_f = tl.arange(0, BLOCK_F)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    # BLOCK_F / BLOCK_V are the dims rounded up to powers of two (tl.arange needs them); the pad is masked to 0.
-    f_mask = offs_f < FEAT
-    v_mask = offs_v < DV
+    offs_c, offs_f, offs_v, f_mask, v_mask = chunk_offsets(pid_v, FEAT, DV, BLOCK_C, BLOCK_F, BLOCK_V)
     s_offs = off_bh.to(tl.int64) * FEAT * DV + offs_f[:, None] * DV + offs_v[None, :]
     s_mask = f_mask[:, None] & v_mask[None, :]
     z_offs = off_bh.to(tl.int64) * FEAT + offs_f
@@ -132,12 +155,7 @@ def _chunked_linear_fwd_kernel(
             z = tl.load(Z0 + z_offs, mask=f_mask, other=0.0)
 
     if CAUSAL:
-        # Bottom-right alignment: query i is token i + offset (the wrapper makes offset >= 0).
-        offset = n_k - n_q
-        g = 0.0
-        if HAS_DECAY:
-            g = tl.load(LogDecay + off_h).to(tl.float32)
-        keep = offs_c[:, None] >= offs_c[None, :]
+        offset, g, keep = causal_walk_setup(n_q, n_k, LogDecay, off_h, offs_c, HAS_DECAY)
         for start in range(0, n_k, BLOCK_C):
             pos, k_row, q_idx, q_row = causal_chunk_rows(start, offs_c, n_k, offset)
             q = load_rows(q_base, q_idx, q_row, stride_qm, offs_f, f_mask, stride_qf)

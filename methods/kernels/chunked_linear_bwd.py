@@ -64,6 +64,8 @@ from methods.kernels.chunked_linear import (
     LaunchConfig,
     _check_inputs,
     causal_chunk_rows,
+    causal_walk_setup,
+    chunk_offsets,
     chunked_linear_attention_forward,
 )
 from methods.kernels.common import dot_fp32, dot_tile, head_offsets, interpreting, load_rows, store_rows, tile_dot
@@ -144,20 +146,12 @@ def _dq_kernel(
     dden_base = Dden + off_bh.to(tl.int64) * n_q
     dq_base = DQ + (pid_v * tl.num_programs(1) + off_bh).to(tl.int64) * n_q * FEAT
 
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_f = tl.arange(0, BLOCK_F)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    f_mask = offs_f < FEAT
-    v_mask = offs_v < DV
+    offs_c, offs_f, offs_v, f_mask, v_mask = chunk_offsets(pid_v, FEAT, DV, BLOCK_C, BLOCK_F, BLOCK_V)
     s = tl.zeros([BLOCK_F, BLOCK_V], dtype=tl.float32)
     z = tl.zeros([BLOCK_F], dtype=tl.float32)
 
     if CAUSAL:
-        offset = n_k - n_q  # query i is token i + offset (the wrapper makes offset >= 0)
-        g = 0.0
-        if HAS_DECAY:
-            g = tl.load(LogDecay + off_h).to(tl.float32)
-        keep = offs_c[:, None] >= offs_c[None, :]
+        offset, g, keep = causal_walk_setup(n_q, n_k, LogDecay, off_h, offs_c, HAS_DECAY)
         for start in range(0, n_k, BLOCK_C):
             pos, k_row, q_idx, q_row = causal_chunk_rows(start, offs_c, n_k, offset)
             k = load_rows(k_base, pos, k_row, stride_kn, offs_f, f_mask, stride_kf)
@@ -245,21 +239,13 @@ def _dkdv_kernel(
     dden_base = Dden + off_bh.to(tl.int64) * n_q
     dk_base = DK + (pid_v * tl.num_programs(1) + off_bh).to(tl.int64) * n_k * FEAT
 
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_f = tl.arange(0, BLOCK_F)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    f_mask = offs_f < FEAT
-    v_mask = offs_v < DV
+    offs_c, offs_f, offs_v, f_mask, v_mask = chunk_offsets(pid_v, FEAT, DV, BLOCK_C, BLOCK_F, BLOCK_V)
     # dS = sum_t phi_q_t^T g_t and dz = sum_t dden_t phi_q_t over the queries after the current chunk.
     ds = tl.zeros([BLOCK_F, BLOCK_V], dtype=tl.float32)
     dz = tl.zeros([BLOCK_F], dtype=tl.float32)
 
     if CAUSAL:
-        offset = n_k - n_q
-        g = 0.0
-        if HAS_DECAY:
-            g = tl.load(LogDecay + off_h).to(tl.float32)
-        keep = offs_c[:, None] >= offs_c[None, :]
+        offset, g, keep = causal_walk_setup(n_q, n_k, LogDecay, off_h, offs_c, HAS_DECAY)
         n_chunks = tl.cdiv(n_k, BLOCK_C)
         for i in range(0, n_chunks):
             start = (n_chunks - 1 - i) * BLOCK_C
