@@ -10,6 +10,12 @@ interval instead of raising false alarms. `--normalize-by IMPL` divides every
 latency by the same run's METHOD/IMPL latency at the same shape (`sdpa`: exact softmax's), which
 cancels a slower machine or a busy CI runner.
 
+A cell whose row on either side, or whose same-run yardstick row, was timed on a disturbed
+machine (the runner's interference probe flagged it `noisy`, or NVML saw the GPU `throttled`;
+see `bench.disturbed`) gets no latency verdict: its finding is `unjudged` with a detail starting
+"not judged: disturbed", it is listed on its own, and it does not count toward its method's
+verdict. Its accuracy, fidelity and status are still judged: load disturbs only the clock.
+
 Exit codes: 0 no regression, 1 regression, 2 bad input (missing, empty or
 corrupt results, or nothing in common), with the one-line reason on stderr.
 """
@@ -28,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from bench.declarations import key_columns, metric_declarations
+from bench.disturbed import describe, is_disturbed
 from bench.results import CorruptResults, load
 
 # Identity of a cell: method, impl, task and the key columns the rows declare (bench.declarations).
@@ -35,6 +42,7 @@ from bench.results import CorruptResults, load
 SHAPE_LABEL = ("dtype", "batch", "heads", "seq_len", "kv_len", "head_dim", "causal", "mode")  # in every label
 BOOTSTRAP = 2000
 SEED = 0
+DISTURBED = "not judged: disturbed"  # how a disturbed cell's latency finding's detail starts
 
 
 class BadInput(SystemExit):
@@ -46,7 +54,7 @@ class Tolerances:
     """What counts as a regression. Defaults chosen from repeated CPU smoke runs (see README)."""
 
     latency_ratio: float = 3.0  # one cell: regression when the whole CI of cand/base lies above this
-    method_latency_ratio: float = 1.5  # one method/impl: the CI of the median of its cells' ratios
+    method_latency_ratio: float = 1.15  # one method/impl: the CI of the median of its cells' ratios
     min_cells: int = 3  # a method-level verdict needs this many judged cells
     # 90% for the method level: with ~10 cells, two cells that sped up for unrelated reasons (seen on this box)
     # pull the 0.5% quantile of a resampled median down to theirs; false alarms stay at zero (README).
@@ -93,6 +101,11 @@ class Comparison:
     def improvements(self) -> list[Finding]:
         return [f for f in self.findings if f.verdict == "improvement"]
 
+    @property
+    def disturbed(self) -> list[Finding]:
+        """Latency findings left unjudged because a row they rest on was timed on a disturbed machine."""
+        return [f for f in self.findings if is_disturbed_finding(f)]
+
     def to_json(self) -> dict:
         return {
             "verdict": "regression" if self.regressions else "ok",
@@ -107,6 +120,8 @@ class Comparison:
             "regressions": [asdict(f) for f in self.regressions],
             "improvements": [asdict(f) for f in self.improvements],
             "changed": [asdict(f) for f in self.findings if f.verdict != "ok"],
+            "disturbed": [asdict(f) for f in self.disturbed],
+            "n_disturbed": len(self.disturbed),
             "n_findings": len(self.findings),
         }
 
@@ -277,6 +292,37 @@ def judge_latency(
                    **ids)  # fmt: skip
 
 
+def disturbance(
+    b: pd.Series, c: pd.Series, ref_noise: tuple[dict[str, str], dict[str, str]] | None, reference: str | None
+) -> str | None:
+    """Why a matched cell's latency cannot be judged because of load, or None when nothing disturbed it.
+
+    'not judged: disturbed (candidate probe 3.1x slower than idle)' when either side's row was timed on a
+    disturbed machine; '... disturbed yardstick (softmax/sdpa base probe 2.4x slower than idle)' when the
+    same-run yardstick it is divided by was: a disturbed yardstick skews the ratio as much as a disturbed cell.
+    """
+    own = [f"{side} {describe(row)}" for side, row in (("base", b), ("candidate", c)) if is_disturbed(row)]
+    why = [f"({'; '.join(own)})"] if own else []
+    if ref_noise is not None:
+        sides = (("base", ref_noise[0].get(b["_ref"])), ("candidate", ref_noise[1].get(c["_ref"])))
+        refs = [f"{side} {text}" for side, text in sides if text]
+        if refs:
+            why.append(f"yardstick ({reference} {'; '.join(refs)})")
+    return f"{DISTURBED} {'; disturbed '.join(why)}" if why else None
+
+
+def not_judged(lat: Finding, why: str) -> Finding:
+    """The latency finding of a disturbed cell: unjudged, no ratio or interval (so no method verdict counts
+    it), the measured ratio kept in the detail for a reader."""
+    return Finding(lat.cell, "latency", "unjudged", lat.base, lat.cand, f"{why}; as measured: {lat.detail}",
+                   base_cell_id=lat.base_cell_id, cand_cell_id=lat.cand_cell_id)  # fmt: skip
+
+
+def is_disturbed_finding(f: Finding) -> bool:
+    """A latency finding left unjudged because a row it rests on was disturbed (`disturbance`)."""
+    return f.kind == "latency" and f.verdict == "unjudged" and f.detail.startswith(DISTURBED)
+
+
 def judge_metrics(b: pd.Series, c: pd.Series, tol: Tolerances, declared: dict[str, dict]) -> list[Finding]:
     """Findings of one matched ok cell for every metric its task declares a judge for (besides latency).
 
@@ -332,10 +378,11 @@ def compare_frames(
     result.removed = sorted(b.loc[b.index.difference(c.index), "_label"])
     common = b.index.intersection(c.index)
     result.matched = len(common)
-    refs = None
+    refs = ref_noise = None
     if normalize_by:
         rb, rc = reference_rows(b, normalize_by), reference_rows(c, normalize_by)
         refs = ({k: samples_of(r) for k, r in rb.iterrows()}, {k: samples_of(r) for k, r in rc.iterrows()})
+        ref_noise = tuple({k: describe(r) for k, r in side.iterrows() if is_disturbed(r)} for side in (rb, rc))
     for key in sorted(common):
         br, cr = b.loc[key], c.loc[key]
         bst, cst = str(br["status"]), str(cr["status"])
@@ -353,6 +400,8 @@ def compare_frames(
                 result.findings.append(Finding(str(cr["_label"]), "status", "ok", bst, cst, f"{bst} -> {cst}", **ids))
             continue
         lat = judge_latency(br, cr, tol, refs, normalize_by)
+        if lat is not None and (why := disturbance(br, cr, ref_noise, normalize_by)):
+            lat = not_judged(lat, why)
         if lat is not None:
             result.findings.append(lat)
         result.findings.extend(judge_metrics(br, cr, tol, declared))
@@ -368,10 +417,12 @@ def method_findings(findings: list[Finding], tol: Tolerances, normalized: bool) 
     burst), so a per-cell tolerance low enough to catch a 2x slowdown raises
     false alarms. A change in a method's code moves all of its cells; a burst
     moves one. The median over cells ignores the burst and sees the change.
+    Unjudged cells (below the noise floor, no yardstick, disturbed) carry no ratio and do not count:
+    a disturbed cell's ratio measures the load, not the code.
     """
     by: dict[str, list[float]] = {}
     for f in findings:
-        if f.kind == "latency" and f.ratio is not None:
+        if f.kind == "latency" and f.ratio is not None and f.verdict != "unjudged":
             by.setdefault(f.cell.split(" ")[0], []).append(f.ratio)
     out = []
     rng = np.random.default_rng(SEED)
@@ -429,28 +480,32 @@ def findings_table(findings: list[Finding]) -> str:
 
 
 def to_markdown(result: Comparison, max_listed: int = 50) -> str:
-    """A PR-comment-ready summary: the verdict first, then regressions, improvements, added and removed cells."""
-    regs, imps = result.regressions, result.improvements
-    unjudged = [f for f in result.findings if f.verdict == "unjudged"]
+    """A PR-comment-ready summary: the verdict first, then regressions, improvements, the cells not judged
+    because disturbed, added and removed cells."""
+    regs, imps, disturbed = result.regressions, result.improvements, result.disturbed
+    unjudged = [f for f in result.findings if f.verdict == "unjudged" and not is_disturbed_finding(f)]
     lat = [f for f in result.findings if f.kind == "latency" and f.ci is not None]
     methods = [f for f in result.findings if f.kind == "latency (method)"]
     head = "❌ **Regression**" if regs else "✅ **No regression**"
+    not_judged_text = f"; {len(disturbed)} cell(s) not judged: disturbed (timed on a busy or throttled machine)"
+    not_judged_text = not_judged_text if disturbed else ""
     tol = result.tolerances
     lines = [
         "## attnbench compare\n",
         f"{head}: {len(regs)} regression(s), {len(imps)} improvement(s) over {result.matched} matched cells; "
-        f"{len(result.added)} added, {len(result.removed)} removed.\n",
+        f"{len(result.added)} added, {len(result.removed)} removed{not_judged_text}.\n",
         f"- base: `{result.base}`\n- candidate: `{result.cand}`",
         f"- latency: {'normalized by the same run’s ' + result.normalize_by if result.normalize_by else 'raw'}"
         f"; regression when the {tol.confidence:.0%} bootstrap interval of the median ratio lies above "
         f"{tol.latency_ratio}x per cell, or the {tol.method_confidence:.0%} interval of the median over a method's cells above "
         f"{tol.method_latency_ratio}x; "
         f"baseline medians under {tol.min_latency_ms} ms not judged ({len(unjudged)} cells "
-        f"unjudged, {len(lat)} judged)",
+        f"unjudged, {len(lat)} judged); {len(disturbed)} cells not judged: disturbed (the interference probe "
+        "flagged a row, or its yardstick's, noisy or GPU-throttled; not counted toward a method's verdict)",
         f"- accuracy: drop > {tol.accuracy_drop}; fidelity: relative error > base × {1 + tol.fidelity_rel:g} "
         f"+ {tol.fidelity_abs:g}; status: ok → anything else\n",
     ]
-    for title, items in (("Regressions", regs), ("Improvements", imps)):
+    for title, items in (("Regressions", regs), ("Improvements", imps), ("Not judged: disturbed", disturbed)):
         if items:
             lines.append(f"### {title} ({len(items)})\n")
             lines.append(findings_table(items[:max_listed]))

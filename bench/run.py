@@ -84,8 +84,8 @@ def update_latest(results_dir: Path) -> None:
     os.replace(tmp, latest)
 
 
-def run(cfg: DictConfig, cli_task_keys: tuple[str, ...] = ()) -> list[dict]:
-    """Measure every cell the config names and write the report; returns the rows written."""
+def prepare_run(cfg: DictConfig, cli_task_keys: tuple[str, ...] = ()) -> tuple[list, RunSettings, dict]:
+    """The cells a config names and the settings to measure them with; a bad name fails before anything runs."""
     device = detect_device(cfg.device)
     suite = resolve_suite(OmegaConf.to_container(cfg.suite, resolve=True), device)
     threads = cfg.get("threads") or suite.get("threads")
@@ -93,15 +93,12 @@ def run(cfg: DictConfig, cli_task_keys: tuple[str, ...] = ()) -> list[dict]:
         torch.set_num_threads(int(threads))
     # Plan first: a bad name, parameter or key fails before anything is measured (the CPU profile included).
     planned = plan_cells(cfg, device, "", cli_task_keys)
+    timing = TimingConfig.from_mapping({**(suite.get("timing") or {}), **OmegaConf.to_container(cfg.timing, resolve=True)})
     profile = resolve_profile(cfg.hardware, device)
     cells = [dataclasses.replace(cell, hardware=profile.name) for cell in planned]
-    timing = TimingConfig(**{**(suite.get("timing") or {}), **OmegaConf.to_container(cfg.timing, resolve=True)})
     results_dir = Path(cfg.results_dir)
     if not results_dir.is_absolute():
         results_dir = Path.cwd() / results_dir
-    results_dir.mkdir(parents=True, exist_ok=True)
-    update_latest(results_dir)
-    print(f"attnbench: {len(cells)} cells, suite {suite['name']}, device {device}, profile {profile.name} -> {results_dir}")
     settings = RunSettings(
         results_dir=results_dir,
         run_id=str(cfg.run_id),
@@ -113,9 +110,22 @@ def run(cfg: DictConfig, cli_task_keys: tuple[str, ...] = ()) -> list[dict]:
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
         cache_dir=Path(cfg.cache_dir).absolute() if cfg.get("cache_dir") else None,
     )
+    return cells, settings, suite
+
+
+def run(cfg: DictConfig, cli_task_keys: tuple[str, ...] = ()) -> list[dict]:
+    """Measure every cell the config names and write the report; returns the rows written."""
+    cells, settings, suite = prepare_run(cfg, cli_task_keys)
+    results_dir = settings.results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
+    update_latest(results_dir)
+    print(f"attnbench: {len(cells)} cells, suite {suite['name']}, device {settings.device}, "
+          f"profile {settings.profile.name} -> {results_dir}")  # fmt: skip
     rows = run_cells(cells, settings)
     counts = collections.Counter(r["status"] for r in rows)
-    print("attnbench: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "nothing new to measure"))
+    noisy = sum(1 for r in rows if r.get("noisy"))
+    print("attnbench: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "nothing new to measure")
+          + (f"; {noisy} timed on a disturbed machine (noisy)" if noisy else ""))  # fmt: skip
     if cfg.report:
         from bench.report import write_report
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from bench.measure.checks import WrongResult
+from bench.disturbed import describe
+from bench.measure.checks import WrongResult, measure_calls
 from bench.measure.hardware import HardwareProfile
 from bench.measure.provenance import device_name, now_iso, provenance
 from bench.measure.timing import CellTimeout, TimingConfig
@@ -22,7 +23,7 @@ from bench.results import CORE_COLUMNS, finished_cells, write_row
 from methods import Unsupported, build, get_impl, get_method
 from methods.registry import interpreted
 from tasks import Cell, RunContext, get_task
-from tasks.base import SHAPE_KEYS, Task
+from tasks.base import SHAPE_KEYS, PreparedCell, Task
 
 REASON_CHARS = 300
 
@@ -101,59 +102,144 @@ def base_row(cell: Cell, settings: RunSettings) -> dict:
     return row
 
 
+def _context(settings: RunSettings, cell: Cell) -> RunContext:
+    return RunContext(
+        device=settings.device,
+        timing=settings.timing,
+        peak_tflops=settings.profile.peak_for(cell.point.get("dtype", "float32")),
+        measure_memory=settings.measure_memory,
+        checkpoint_dir=settings.results_dir / "checkpoints",
+        cache_dir=settings.cache_dir,
+    )
+
+
+def _factory(cell: Cell):
+    params = dict(cell.method_params)
+    return lambda: build(cell.method, impl=cell.impl, **params)
+
+
+def _guard(cell: Cell, settings: RunSettings) -> None:
+    reason = get_impl(cell.method, cell.impl).guard(settings.device)
+    if reason:
+        raise Unsupported(reason)
+
+
+def _fail(row: dict, err: BaseException) -> None:
+    row["status"], row["reason"] = classify(err)
+
+
+def _cleanup(settings: RunSettings) -> None:
+    gc.collect()
+    if settings.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def measure_cell(cell: Cell, settings: RunSettings) -> dict:
     """The row for one cell, whatever happens inside it (KeyboardInterrupt aside)."""
     row = base_row(cell, settings)
     started = time.perf_counter()
     try:
-        reason = get_impl(cell.method, cell.impl).guard(settings.device)
-        if reason:
-            raise Unsupported(reason)
-        task = get_task(cell.task)
-        params = dict(cell.method_params)
-        ctx = RunContext(
-            device=settings.device,
-            timing=settings.timing,
-            peak_tflops=settings.profile.peak_for(cell.point.get("dtype", "float32")),
-            measure_memory=settings.measure_memory,
-            checkpoint_dir=settings.results_dir / "checkpoints",
-            cache_dir=settings.cache_dir,
-        )
-        row.update(task.run_cell(cell, lambda: build(cell.method, impl=cell.impl, **params), ctx))
+        _guard(cell, settings)
+        row.update(get_task(cell.task).run_cell(cell, _factory(cell), _context(settings, cell)))
         row["status"], row["reason"] = "ok", ""
     except Exception as err:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
-        row["status"], row["reason"] = classify(err)
+        _fail(row, err)
     finally:
-        gc.collect()
-        if settings.device.type == "cuda":
-            torch.cuda.empty_cache()
+        _cleanup(settings)
     row["cell_seconds"] = time.perf_counter() - started
     row["timestamp"] = now_iso()
     return row
+
+
+def measure_point(cells: list[Cell], settings: RunSettings) -> list[dict]:
+    """The rows of one sweep point's implementations, timed together in alternating rounds.
+
+    Each cell is prepared on its own (a failing guard or correctness check is that cell's row, not
+    the point's); the calls that are left are timed by `measure_calls`, so a burst of load hits all
+    of them and their same-run ratios hold. `cell_seconds` is a cell's preparation plus an equal
+    share of the point's timing.
+    """
+    rows, prepared = [], []
+    for cell in cells:
+        started = time.perf_counter()
+        row = base_row(cell, settings)
+        try:
+            _guard(cell, settings)
+            ready = get_task(cell.task).prepare_cell(cell, _factory(cell), _context(settings, cell))
+            assert isinstance(ready, PreparedCell), f"task {cell.task} prepared no call"
+            prepared.append((row, ready))
+        except Exception as err:  # noqa: BLE001
+            _fail(row, err)
+        rows.append(row)
+        row["cell_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    try:
+        timed = measure_calls([ready.call for _, ready in prepared], settings.device, settings.timing,
+                              settings.measure_memory)  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - the probe itself failed: every prepared cell fails with it
+        timed = [err] * len(prepared)
+    share = (time.perf_counter() - started) / max(1, len(prepared))
+    for (row, ready), result in zip(prepared, timed, strict=True):
+        row["cell_seconds"] += share
+        if isinstance(result, Exception):
+            _fail(row, result)
+            continue
+        row.update({**ready.row, **result})
+        row["status"], row["reason"] = "ok", ""
+    del prepared, timed
+    _cleanup(settings)
+    for row in rows:
+        row["timestamp"] = now_iso()
+    return rows
+
+
+def point_groups(cells: list[Cell]) -> list[list[Cell]]:
+    """Consecutive cells of one task, point and seed whose task interleaves them; every other cell alone."""
+    groups: list[list[Cell]] = []
+    key = None
+    for cell in cells:
+        together = get_task(cell.task).interleaves(cell)
+        this = (cell.task, json.dumps(dict(cell.point), sort_keys=True, default=str), cell.seed) if together else None
+        if this is not None and this == key:
+            groups[-1].append(cell)
+        else:
+            groups.append([cell])
+        key = this
+    return groups
 
 
 def run_cells(cells: Iterable[Cell], settings: RunSettings, log=print) -> list[dict]:
     """Measure and write each cell; skip cells with an `ok` row unless `force`. Returns the rows written."""
     cells = list(cells)
     done = set() if settings.force else finished_cells(settings.results_dir)
+    index = {cell.cell_id: i for i, cell in enumerate(cells, 1)}
+    written = []
     # What exists now (modules: torch, sympy, pandas, ...) lives for the whole sweep: freezing it keeps the
     # collection after each cell to the cell's own garbage (a full collection here costs ~0.2 s a cell).
     gc.freeze()
     try:
-        return [row for i, cell in enumerate(cells, 1) if (row := _run_one(cell, i, len(cells), done, settings, log))]
+        for group in point_groups(cells):
+            todo = []
+            for cell in group:
+                if cell.cell_id in done:
+                    log(f"[{index[cell.cell_id]}/{len(cells)}] {cell.label()}: skipped (ok row exists)")
+                else:
+                    todo.append(cell)
+            if not todo:
+                continue
+            interleave = len(todo) > 1 or get_task(todo[0].task).interleaves(todo[0])
+            rows = measure_point(todo, settings) if interleave else [measure_cell(todo[0], settings)]
+            for cell, row in zip(todo, rows, strict=True):
+                write_row(settings.results_dir, row)
+                _log_row(f"[{index[cell.cell_id]}/{len(cells)}] {cell.label()}", row, log)
+                written.append(row)
     finally:
         gc.unfreeze()
+    return written
 
 
-def _run_one(cell: Cell, i: int, n: int, done: set[str], settings: RunSettings, log) -> dict | None:
-    """Measure and write one cell, or skip it (None) when it already has an ok row."""
-    prefix = f"[{i}/{n}] {cell.label()}"
-    if cell.cell_id in done:
-        log(f"{prefix}: skipped (ok row exists)")
-        return None
-    row = measure_cell(cell, settings)
-    write_row(settings.results_dir, row)
+def _log_row(prefix: str, row: dict, log) -> None:
     latency = f" {row['latency_ms']:.3f} ms" if row.get("latency_ms") is not None else ""
-    log(f"{prefix}: {row['status']}{latency}{' - ' + row['reason'] if row['reason'] else ''}")
+    noisy = f" (noisy: {describe(row)})" if row.get("noisy") else ""
+    log(f"{prefix}: {row['status']}{latency}{noisy}{' - ' + row['reason'] if row['reason'] else ''}")
     sys.stdout.flush()
-    return row

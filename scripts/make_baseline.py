@@ -4,7 +4,8 @@ Why: a single run on a busy machine has a few cells measured during a load
 burst (2-3x slow). A baseline with such a cell makes every later run look
 2-3x *faster* there, which hides a real slowdown of that cell and widens the
 method-level interval. The per-cell median over three or more runs drops
-those bursts. Rows without latency (failures, accuracy-only tasks) come from
+those bursts; a row the interference probe flagged disturbed is used only when every run's row
+of that cell was. Rows without latency (failures, accuracy-only tasks) come from
 the first run that has the cell.
 
     python scripts/make_baseline.py results/baselines/cpu-smoke /tmp/run0 /tmp/run1 /tmp/run2
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.compare import load_side, with_keys  # noqa: E402
 from bench.declarations import key_columns  # noqa: E402
+from bench.disturbed import is_disturbed  # noqa: E402
 from bench.results import cell_path  # noqa: E402
 
 
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in all_keys:
         candidates = [(run, f.loc[key]) for run, f in zip(args.runs, frames, strict=True) if key in f.index]
         timed = [(run, row) for run, row in candidates if row["status"] == "ok" and row["latency_ms"] == row["latency_ms"]]
+        # A row the probe flagged disturbed would leave its cell unjudged in every later comparison.
+        timed = [(run, row) for run, row in timed if not is_disturbed(row)] or timed
         if timed:
             order = np.argsort([float(row["latency_ms"]) for _, row in timed])
             run, row = timed[order[len(order) // 2]]

@@ -15,7 +15,6 @@ compare read those declarations and never name a task.
 
 from __future__ import annotations
 
-import abc
 import hashlib
 import itertools
 import json
@@ -27,6 +26,7 @@ from typing import Literal
 import pandas as pd
 import torch
 
+from bench.measure.checks import TimedCall, measure_call
 from bench.measure.timing import TimingConfig
 from methods.base import DTYPES, Attention
 
@@ -151,6 +151,18 @@ class Cell:
 
 
 @dataclass
+class PreparedCell:
+    """A cell made ready to time: the columns measured so far (correctness, sizes) and the call to time.
+
+    The runner times the prepared calls of one sweep point together, in alternating rounds
+    (`bench.measure.checks.measure_calls`), and adds their timed columns to `row`.
+    """
+
+    row: dict
+    call: TimedCall
+
+
+@dataclass
 class RunContext:
     """Everything a task needs from the runner besides the cell."""
 
@@ -184,7 +196,7 @@ def expand_points(defaults: Mapping, axes: Mapping) -> Iterator[dict]:
         yield {**base, **dict(zip(names, values, strict=True))}
 
 
-class Task(abc.ABC):
+class Task:
     """A task owns its data, its model recipe (if any), its metrics and its part of the report.
 
     Subclasses set the class attributes below and implement `run_cell`; the
@@ -252,7 +264,19 @@ class Task(abc.ABC):
         asked once per group of the first of its tasks present; none by default."""
         return []
 
-    @abc.abstractmethod
+    def prepare_cell(self, cell: Cell, make_attention: AttentionFactory, ctx: RunContext) -> PreparedCell | None:
+        """Everything `run_cell` does but the timing, for a task whose cells are one timed call each.
+
+        A task that implements it has the implementations of each sweep point timed together in
+        alternating rounds (a burst of load then hits them all, so same-run ratios hold); None (the
+        default) means the task times inside `run_cell`, one cell at a time.
+        """
+        return None
+
+    def interleaves(self, cell: Cell) -> bool:
+        """Whether this cell may be timed together with the other implementations of its point."""
+        return type(self).prepare_cell is not Task.prepare_cell
+
     def run_cell(self, cell: Cell, make_attention: AttentionFactory, ctx: RunContext) -> dict:
         """Measure one cell and return its metric columns.
 
@@ -261,5 +285,11 @@ class Task(abc.ABC):
 
         Raise `methods.Unsupported` for a cell the implementation cannot do,
         `bench.measure.checks.WrongResult` for a result that fails its check; any other
-        exception becomes an `error` row.
+        exception becomes an `error` row. A task that implements `prepare_cell` inherits this.
         """
+        prepared = self.prepare_cell(cell, make_attention, ctx)
+        if prepared is None:
+            raise NotImplementedError(f"task {self.name} implements neither run_cell nor prepare_cell")
+        call = prepared.call
+        timed = measure_call(call.fn, ctx.device, ctx.timing, call.flops, call.peak_tflops, ctx.measure_memory)
+        return {**prepared.row, **timed}

@@ -63,7 +63,7 @@ Columns per cell:
   RMSNorm) gets None, with `linear_in_v` False.
 - `fidelity_*` against the fp64 oracle at the read rows only (cheap at any
   length; exact methods outside tolerance are `wrong`), then latency and memory
-  of the whole-sequence forward call from `bench.measure.checks.measure_call`, with
+  of the whole-sequence forward call from `bench.measure.checks.measure_calls`, with
   `flops = attn.flops(shape, "fwd")`, as in `scaling`.
 
 Default beta (conf/task/needle.yaml): 8. Exact softmax's hit rate jumps from
@@ -91,7 +91,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from bench.measure.checks import check_exact, check_finite, measure_call
+from bench.measure.checks import TimedCall, check_exact, check_finite
 from methods.base import Attention, Shape, default_scale
 from methods.oracle import fidelity, oracle_attention
 from tasks.base import (
@@ -100,6 +100,7 @@ from tasks.base import (
     AttentionFactory,
     Cell,
     Metric,
+    PreparedCell,
     RunContext,
     Section,
     SummaryColumn,
@@ -471,7 +472,7 @@ class NeedleTask(Task):
             return None  # too short to hold the needles, the queries and any haystack
         return point
 
-    def run_cell(self, cell: Cell, make_attention: AttentionFactory, ctx: RunContext) -> dict:
+    def prepare_cell(self, cell: Cell, make_attention: AttentionFactory, ctx: RunContext) -> PreparedCell:
         p = dict(cell.point)
         attn = make_attention()
         causal = bool(p["causal"])
@@ -507,14 +508,9 @@ class NeedleTask(Task):
         del out
 
         shape = Shape(p["batch"], p["heads"], p["seq_len"], p["seq_len"], p["head_dim"], causal)
-        fn = torch.no_grad()(lambda: attn(q, k, v, causal=causal))
-        row.update(
-            measure_call(
-                fn, ctx.device, ctx.timing, attn.flops(shape, "fwd"), ctx.peak_tflops, measure_memory=ctx.measure_memory
-            )
-        )
         row["state_bytes"] = attn.state_bytes(p["batch"], p["heads"], p["seq_len"], p["head_dim"], q.dtype)
-        return row
+        fn = torch.no_grad()(lambda: attn(q, k, v, causal=causal))
+        return PreparedCell(row, TimedCall(fn, attn.flops(shape, "fwd"), ctx.peak_tflops))
 
     @staticmethod
     def _method_mass(attn: Attention, q, k, v, out, truth: NeedleTruth, causal: bool, dtype: str) -> dict:

@@ -13,7 +13,7 @@ import json
 import pandas as pd
 import torch
 
-from bench.measure.checks import check_exact, check_finite, measure_call
+from bench.measure.checks import TimedCall, check_exact, check_finite
 from methods.base import Attention, Shape, computed_pairs_dense
 from methods.oracle import fidelity, oracle_attention
 from tasks.base import (
@@ -23,6 +23,7 @@ from tasks.base import (
     AttentionFactory,
     Cell,
     Metric,
+    PreparedCell,
     RunContext,
     SummaryColumn,
     Task,
@@ -156,7 +157,11 @@ class ScalingTask(Task):
                 raise ValueError(f"{key} must be >= 1, got {point[key]}")
         return point
 
-    def run_cell(self, cell: Cell, make_attention: AttentionFactory, ctx: RunContext) -> dict:
+    def interleaves(self, cell: Cell) -> bool:
+        """Not `bwd`: its closure holds the autograd graph, and a point's implementations would hold theirs at once."""
+        return cell.point.get("mode") != "bwd"
+
+    def prepare_cell(self, cell: Cell, make_attention: AttentionFactory, ctx: RunContext) -> PreparedCell:
         p = dict(cell.point)
         attn = make_attention()
         mode, causal = p["mode"], bool(p["causal"])
@@ -180,14 +185,9 @@ class ScalingTask(Task):
             check_exact(row["fidelity_rel"], p["dtype"])
         del out
 
-        fn = self._call(attn, mode, causal, q, k, v)
-        row.update(
-            measure_call(
-                fn, ctx.device, ctx.timing, attn.flops(shape, mode), ctx.peak_tflops, measure_memory=ctx.measure_memory
-            )
-        )
         row["state_bytes"] = attn.state_bytes(p["batch"], p["heads"], p["kv_len"], p["head_dim"], q.dtype)
-        return row
+        fn = self._call(attn, mode, causal, q, k, v)
+        return PreparedCell(row, TimedCall(fn, attn.flops(shape, mode), ctx.peak_tflops))
 
     @staticmethod
     def _call(attn: Attention, mode: str, causal: bool, q, k, v):

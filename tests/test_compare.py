@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,130 @@ def test_normalize_by_names_its_yardstick_from_the_rows() -> None:
     assert not [f for f in other.regressions if f.cell.startswith("linear/reference")]
     with pytest.raises(compare.BadInput, match="--normalize-by flash: needs exactly one exact method"):
         compare.compare_frames(base, cand, normalize_by="flash")
+
+
+# ---------------------------------------------------------------- disturbed rows (issue 14)
+
+
+def disturb(row: dict, slowdown: float = 3.1) -> dict:
+    """The row as the runner writes it when the interference probe stayed disturbed: flagged, slowdown kept."""
+    row.update(noisy=True, probe_slowdown=slowdown, latency_cv=0.4)
+    return row
+
+
+def slow_cells(rows: list[dict], method: str, factor: float, where=lambda r: True) -> list[dict]:
+    """The rows of `method` matching `where`, their samples `factor` times slower (returned for flagging)."""
+    hit = [r for r in rows if r["method"] == method and where(r)]
+    for r in hit:
+        r["latency_samples_ms"] = [x * factor for x in r["latency_samples_ms"]]
+        r["latency_ms"] = float(np.median(r["latency_samples_ms"]))
+    return hit
+
+
+def latency_of(result: compare.Comparison, method: str, kv: int, causal: bool) -> compare.Finding:
+    pattern = " causal " if causal else " non-causal "
+    return next(f for f in result.findings if f.kind == "latency" and f.cell.startswith(f"{method}/")
+                and pattern in f" {f.cell} " and f" q={kv} " in f" {f.cell} ")  # fmt: skip
+
+
+def test_a_disturbed_slow_cell_is_not_judged_and_the_same_cell_undisturbed_is() -> None:
+    base, cand = campaign(0), campaign(1)
+    victim = slow_cells(cand, "linear", 5.0, lambda r: r["kv_len"] == 4096 and r["causal"])
+    clean = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    assert [(r.kind, "kv=4096" in r.cell) for r in clean.regressions] == [("latency", True)]
+    disturb(victim[0])
+    noisy = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    assert noisy.regressions == []
+    finding = latency_of(noisy, "linear", 4096, True)
+    assert finding.verdict == "unjudged" and finding.ratio is None and finding.ci is None
+    assert finding.detail.startswith("not judged: disturbed (candidate probe 3.1x slower than idle); as measured: ")
+    assert [f.cell for f in noisy.disturbed] == [finding.cell]
+    md = compare.to_markdown(noisy)
+    assert "### Not judged: disturbed (1)" in md and "1 cell(s) not judged: disturbed" in md.splitlines()[2]
+    verdict = noisy.to_json()
+    assert verdict["exit_code"] == 0 and verdict["n_disturbed"] == 1 and verdict["disturbed"][0]["cell"] == finding.cell
+
+
+def test_disturbed_cells_do_not_count_toward_the_method_verdict() -> None:
+    """linear 2x slower in all 8 cells: a method regression (no cell alone passes 3x). With 5 of them flagged
+    noisy the method is judged on the other 3; with 6 flagged, 2 cells are too few for a method verdict."""
+    base, cand = campaign(0), campaign(1)
+    hit = slow_cells(cand, "linear", 2.0)
+    clean = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    assert [r.cell for r in clean.regressions] == ["linear/reference (all judged cells)"]
+    assert "over 8 cells" in clean.regressions[0].detail
+    for r in hit[:5]:
+        disturb(r)
+    five = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    assert len(five.disturbed) == 5 and "over 3 cells" in five.regressions[0].detail
+    disturb(hit[5])
+    six = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    assert six.regressions == [] and len(six.disturbed) == 6
+    assert not [f for f in six.findings if f.cell == "linear/reference (all judged cells)"]
+    assert six.to_json()["exit_code"] == 0
+
+
+def test_a_disturbed_yardstick_leaves_its_shape_unjudged() -> None:
+    """sdpa's candidate row at one shape ran 3x fast-looking under a burst elsewhere in its run: every cell divided
+    by it looks 3x slower; flagged noisy, those cells are not judged."""
+    base, cand = campaign(0), campaign(1)
+    ref = slow_cells(cand, "softmax", 1 / 4, lambda r: r["impl"] == "sdpa" and r["kv_len"] == 2048 and r["causal"])
+    clean = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    assert sorted(r.cell.split(" ")[0] for r in clean.regressions if r.kind == "latency") == [
+        "linear/reference", "sliding_window/reference", "softmax/reference"]  # fmt: skip
+    disturb(ref[0], slowdown=2.5)
+    noisy = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    assert [r for r in noisy.regressions if r.kind == "latency"] == []
+    details = {f.cell.split(" ")[0]: f.detail for f in noisy.disturbed}
+    assert sorted(details) == ["linear/reference", "sliding_window/reference", "softmax/reference"]
+    assert all(d.startswith("not judged: disturbed yardstick (softmax/sdpa candidate probe 2.5x slower than idle)")
+               for d in details.values())  # fmt: skip
+    raw = compare.compare_frames(frame(base), frame(cand))  # not normalized: the yardstick plays no part
+    assert all(f.cell.startswith("softmax/sdpa") for f in raw.disturbed)
+
+
+def test_accuracy_and_status_are_still_judged_on_a_disturbed_row() -> None:
+    declared = json.dumps([{"name": "accuracy", "better": "higher", "judge": "drop"}])
+    base, cand = campaign(0), campaign(1)
+    for r in base + cand:
+        r["metrics"] = declared
+    victim = next(r for r in cand if r["method"] == "linear" and r["kv_len"] == 1024 and r["causal"])
+    disturb(victim)["accuracy"] = 0.5
+    failed = disturb(next(r for r in cand if r["method"] == "sliding_window" and r["kv_len"] == 512))
+    failed.update(status="error", reason="boom", latency_ms=None, latency_samples_ms=None)
+    result = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    assert sorted((r.kind, r.cell.split(" ")[0]) for r in result.regressions) == [
+        ("accuracy", "linear/reference"), ("status", "sliding_window/reference")]  # fmt: skip
+    assert latency_of(result, "linear", 1024, True).detail.startswith("not judged: disturbed")
+
+
+def test_throttled_counts_as_disturbed_and_names_itself() -> None:
+    base, cand = campaign(0), campaign(1)
+    row = next(r for r in base if r["method"] == "linear" and r["kv_len"] == 512 and not r["causal"])
+    row["throttled"] = True
+    result = compare.compare_frames(frame(base), frame(cand))
+    assert [f.detail.split(";")[0] for f in result.disturbed] == ["not judged: disturbed (base GPU clocks throttled)"]
+
+
+@pytest.mark.parametrize("missing", [None, float("nan"), False, pd.NA])
+def test_rows_without_a_probe_reading_compare_exactly_as_before(missing: object) -> None:
+    """Rows written before the probe lack the columns; None, NaN, NA and False mean 'not disturbed' alike."""
+    base, cand = campaign(0), campaign(1, {"linear/reference": 2.0})
+    before = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    for r in base + cand:
+        r.update(noisy=missing, throttled=missing, probe_slowdown=None if missing is False else missing)
+    after = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    assert [asdict(f) for f in after.findings] == [asdict(f) for f in before.findings]
+    assert after.disturbed == [] and [r.cell for r in after.regressions] == ["linear/reference (all judged cells)"]
+
+
+def test_cli_exits_0_with_disturbed_cells_and_lists_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cand_rows = campaign(1)
+    for r in slow_cells(cand_rows, "linear", 5.0):
+        disturb(r)
+    base, cand = write(tmp_path / "base", campaign(0)), write(tmp_path / "cand", cand_rows)
+    assert compare.main([str(base), str(cand), "--normalize-by", "sdpa", "--json", "-"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verdict"] == "ok" and out["n_disturbed"] == 8 == len(out["disturbed"])
+    assert compare.main([str(base), str(cand), "--normalize-by", "sdpa"]) == 0
+    assert "### Not judged: disturbed (8)" in capsys.readouterr().out

@@ -101,7 +101,11 @@ def test_rows_without_keys_get_zero_grads(n_q: int, n_k: int) -> None:
     dq, dk, dv = _check_grads_against_oracle(q, k, v, causal=True)
     empty = n_q - n_k
     assert torch.equal(dq[:, :, :empty], torch.zeros_like(dq[:, :, :empty]))
-    assert dq[:, :, empty:].abs().amax() > 0 and dk.abs().amax() > 0 and dv.abs().amax() > 0
+    assert dv.abs().amax() > 0
+    if n_k == 1:  # softmax over a single key is constant: its scores get no gradient at all
+        assert torch.equal(dq, torch.zeros_like(dq)) and torch.equal(dk, torch.zeros_like(dk))
+    else:
+        assert dq[:, :, empty:].abs().amax() > 0 and dk.abs().amax() > 0
     # Gradients from the empty rows' output are ignored: only the rows that see keys matter to dk, dv.
     grad_out = torch.randn(q.shape)
     grad_out_masked = grad_out.clone()

@@ -25,6 +25,8 @@ from bench.measure.interference import (
     measure_idle_probe,
     measure_until_quiet,
     probe_seconds,
+    runqueue_meter,
+    runqueue_wait,
     throttled,
 )
 from bench.measure.timing import Timing, TimingConfig, measure_latency
@@ -65,6 +67,52 @@ def test_assess_quiet_and_disturbed() -> None:
     assert not assess([1.3e-3], IDLE, 1.3).disturbed  # the threshold itself is still quiet
 
 
+def test_assess_a_long_run_queue_wait_is_disturbed_whatever_the_probe_read() -> None:
+    assert assess([1.0e-3, 1.1e-3], IDLE, 1.3, wait=0.4).disturbed
+    quiet = assess([1.0e-3, 1.1e-3], IDLE, 1.3, wait=0.02)
+    assert not quiet.disturbed and quiet.wait == 0.02
+    assert not assess([1.0e-3], IDLE, 1.3, wait=0.1).disturbed  # the threshold itself is still quiet
+    assert assess([1.0e-3], IDLE, 1.3, wait=0.05, wait_threshold=0.04).disturbed
+    assert not assess([1.0e-3], IDLE, 1.3, wait=None).disturbed  # unknown: the probe alone judges
+    assert assess([3.0e-3], IDLE, 1.3, wait=0.0).disturbed
+    for bad in ({"wait": 1.5}, {"wait": -0.1}, {"wait_threshold": 0.0}, {"wait_threshold": 2.0}):
+        with pytest.raises(ValueError, match="wait"):
+            assess([1e-3], IDLE, 1.3, **bad)
+
+
+def test_runqueue_wait_is_the_waiting_share_of_runnable_time() -> None:
+    before = {"1": (100, 10), "2": (50, 0)}
+    after = {"1": (160, 30), "3": (20, 20)}  # thread 2 exited, thread 3 started in between
+    assert runqueue_wait(before, after) == pytest.approx((20 + 20) / (60 + 20 + 20 + 20))
+    assert runqueue_wait(None, after) is None and runqueue_wait(before, None) is None
+    assert runqueue_wait(before, before) is None  # no runnable time in between
+
+
+def test_runqueue_meter_reads_this_process() -> None:
+    """Linux: the meter reads a fraction in [0, 1] over a busy interval; elsewhere None (nothing to read)."""
+    read = runqueue_meter()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.02:
+        pass
+    wait = read()
+    if Path("/proc/self/task").is_dir():
+        assert wait is not None and 0 <= wait <= 1
+    else:
+        assert wait is None
+
+
+def test_measure_until_quiet_remeasures_on_the_meters_wait() -> None:
+    _, probe = scripted([1e-3] * 4)
+    waits = iter([0.5, 0.01])
+
+    def meter() -> object:
+        wait = next(waits)  # the attempt's wait, fixed when its measurement starts
+        return lambda: wait
+
+    got = measure_until_quiet(Counter(), probe, IDLE, RetryPolicy(), sleep=lambda s: None, meter=meter)
+    assert (got.attempts, got.noisy, got.wait) == (2, False, 0.01)
+
+
 @pytest.mark.parametrize(
     ("readings", "idle", "threshold", "match"),
     [
@@ -86,7 +134,8 @@ def test_assess_rejects_bad_input(readings: list[float], idle: float, threshold:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"threshold": 1.0}, {"max_retries": -1}, {"max_retries": 1.5}, {"backoff_s": -0.1}, {"backoff_growth": 0.5}],
+    [{"threshold": 1.0}, {"max_retries": -1}, {"max_retries": 1.5}, {"backoff_s": -0.1}, {"backoff_growth": 0.5},
+     {"wait_threshold": 0.0}],  # fmt: skip
 )
 def test_retry_policy_rejects_bad_input(kwargs: dict) -> None:
     with pytest.raises(ValueError) as info:

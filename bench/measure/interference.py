@@ -8,15 +8,18 @@ whose idle speed is known can. So:
 - `probe_seconds` times a small fixed workload (a GEMM and a memory copy sized for the device);
 - `idle_probe_seconds` measures its idle figure once per CPU (and GPU) identity and caches it
   beside the hardware profile's measurement, so a later busy run compares against a quiet one;
-- `assess` turns probe readings into a verdict (pure, so the decision is tested with injected
-  readings, never with timing assertions);
+- `runqueue_meter` reads, on Linux, how long this process's threads waited for a core while they
+  were runnable during a measurement (the kernel's per-thread `schedstat`): the direct evidence of
+  "something else had the cores", which a short probe can miss (CPU only);
+- `assess` turns probe readings and that wait into a verdict (pure, so the decision is tested with
+  injected readings, never with timing assertions);
 - `measure_until_quiet` probes before and after a measurement, re-measures with a growing
   back-off while the probe says the machine is disturbed, and flags the result `noisy` when it
   stays disturbed (the samples are kept: a noisy row is reported, not dropped);
 - `gpu_state` / `throttled` read the SM clock, temperature and throttle reasons through NVML
   when `nvidia-ml-py` is installed, so a GPU row can say its clocks were capped.
 
-Nothing here is wired into the runner yet; this module only provides the pieces.
+`bench.measure.checks.measure_calls` wires these around every timed measurement.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,12 +46,16 @@ T = TypeVar("T")
 
 # ----------------------------------------------------------------------------- probe workload
 
-# CPU: one 256x256 fp32 matmul (33.5 MFLOP) and an 8 MiB copy per repeat. Measured on this 2-core
-# machine: ~0.6 ms per repeat at 1 thread, ~0.3 ms at 2 threads, so a probe call (1 warm-up + 4
-# timed repeats) costs ~1.5-3.5 ms, within the <= 5 ms per call that the 728-cell CPU suite affords
-# for a probe before and after each cell.
+# CPU: one 256x256 fp32 matmul (33.5 MFLOP) and a 256 KiB copy per repeat: ~0.3 ms per repeat at 1
+# thread on this 2-core machine, so a probe call (1 warm-up + 4 timed repeats) costs ~1.5 ms. The copy
+# stays inside L2 on purpose: an 8 MiB copy (the first design) read 1.4-1.7x slower right after any
+# cell that had touched more memory than the L3 (a softmax reference at N=2048, even a 1024^2 GEMM)
+# and kept reading so for several ms of warm-up, so quiet needle cells were flagged noisy (29% of
+# them in one smoke run at load 0.6). With the small copy the same reading is 1.04-1.08x. What the
+# probe sees is therefore time on the cores (another process's threads), not DRAM bandwidth taken
+# by a neighbour; that kind of contention moved this machine's 1-thread cells by under 1.3x.
 CPU_GEMM_N = 256
-CPU_COPY_BYTES = 8 * 2**20
+CPU_COPY_BYTES = 2**18  # 256 KiB
 # CUDA: four fp16 4096^3 GEMMs (0.55 TFLOP) and a 128 MiB copy (larger than any L2 we profile, so
 # it reaches HBM), meant to take ~1 ms on an H100-class GPU (not measured here: no GPU).
 CUDA_GEMM_N = 4096
@@ -58,7 +66,7 @@ PROBE_REPEATS = 4
 # cuts a block that is already disturbed, and bounds what a probe costs on a busy machine.
 PROBE_BUDGET_S = 3e-3
 IDLE_READINGS = 20
-PROBE_CACHE_FORMAT = 1  # bump when the probe workload changes: old idle figures are re-measured
+PROBE_CACHE_FORMAT = 2  # bump when the probe workload changes: old idle figures are re-measured
 
 
 class _Probe:
@@ -241,17 +249,76 @@ def idle_probe_seconds(device: torch.device | str = "cpu", cache_dir: Path | Non
     return idle
 
 
+# ----------------------------------------------------------------------------- run-queue wait
+
+# Why a second signal (measured on this 2-core machine, 2 threads, softmax at N=1024, B=1 H=8 D=64):
+# with one busy neighbour process the probe read 1.08-1.14x idle, under the 1.3x threshold, while the
+# same-run ratio reference/sdpa moved from 5.06 to 3.96-4.88 (the two implementations suffer the lost
+# core differently, so interleaving cannot cancel it). A probe of ~1.5 ms runs inside the scheduler's
+# wake-up credit and sees little; the cell's own threads see all of it. Their run-queue wait (the
+# second field of /proc/self/task/<tid>/schedstat) over their runnable time was 0.1-0.9% idle,
+# 35-44% with one busy neighbour and 59-61% with three, for sdpa and the reference alike.
+TASKS_DIR = "/proc/self/task"
+
+
+def _thread_schedstats() -> dict[str, tuple[int, int]] | None:
+    """(ns on a core, ns runnable but waiting) per thread of this process; None where the kernel has no schedstat."""
+    try:
+        tids = os.listdir(TASKS_DIR)
+    except OSError:
+        return None
+    stats: dict[str, tuple[int, int]] = {}
+    for tid in tids:
+        try:
+            with open(f"{TASKS_DIR}/{tid}/schedstat", encoding="ascii") as f:
+                on_cpu, waiting = f.read().split()[:2]
+            stats[tid] = (int(on_cpu), int(waiting))
+        except (OSError, ValueError):  # a thread that exited meanwhile, or an unexpected format
+            continue
+    return stats or None
+
+
+def runqueue_wait(before: dict[str, tuple[int, int]] | None, after: dict[str, tuple[int, int]] | None) -> float | None:
+    """The fraction of this process's runnable thread time spent waiting for a core between two snapshots.
+
+    Threads that appeared in between count from zero (a pool started by the cell); threads that
+    exited are not seen (their last interval is lost, so the figure errs quiet). None without data.
+    """
+    if before is None or after is None:
+        return None
+    on_cpu = waiting = 0
+    for tid, (run_ns, wait_ns) in after.items():
+        run0, wait0 = before.get(tid, (0, 0))
+        on_cpu += max(0, run_ns - run0)
+        waiting += max(0, wait_ns - wait0)
+    return waiting / (on_cpu + waiting) if on_cpu + waiting > 0 else None
+
+
+def runqueue_meter() -> Callable[[], float | None]:
+    """Start measuring the run-queue wait; the returned function reads the fraction since the start.
+
+    Cost: one read of each thread's schedstat (~0.1 ms for a handful of threads here). On a system
+    without /proc (macOS, Windows) the reading is None and only the probe judges.
+    """
+    start = _thread_schedstats()
+    return lambda: runqueue_wait(start, _thread_schedstats())
+
+
 # ----------------------------------------------------------------------------- decision
 
 DEFAULT_THRESHOLD = 1.3
+# 10%: 10x the worst idle figure seen here (0.9%), a quarter of what one busy neighbour caused (35-44%).
+DEFAULT_WAIT_THRESHOLD = 0.1
 
 
 @dataclass(frozen=True)
 class ProbeVerdict:
-    """`slowdown`: the slowest reading over the idle figure; `disturbed`: slowdown > threshold."""
+    """`slowdown`: the probe's slowdown over its idle figure; `wait`: the run-queue wait fraction (None: unknown);
+    `disturbed`: slowdown > threshold or wait > wait threshold."""
 
     disturbed: bool
     slowdown: float
+    wait: float | None = None
 
 
 def _check_idle(idle: float) -> None:
@@ -264,24 +331,44 @@ def _check_threshold(threshold: float) -> None:
         raise ValueError(f"threshold must be a finite slowdown factor > 1, got {threshold!r}")
 
 
-def assess(readings: Sequence[float], idle: float, threshold: float = DEFAULT_THRESHOLD) -> ProbeVerdict:
-    """Verdict on probe readings (seconds) against the idle figure: disturbed when max/idle > threshold.
+def _check_wait_threshold(wait_threshold: float) -> None:
+    if not (isinstance(wait_threshold, (int, float)) and 0 < wait_threshold <= 1):
+        raise ValueError(f"wait threshold must be a fraction in (0, 1], got {wait_threshold!r}")
 
-    The maximum, not a median: the readings bracket one measurement (before and after), and
-    load that starts or stops during it shows in only one of them; a median of two would halve
-    it. Each reading is already a block of repeats, so a lone reading is not a single context
-    switch, and a false alarm costs only one re-measurement (bounded by the retry policy).
+
+def assess(
+    readings: Sequence[float],
+    idle: float,
+    threshold: float = DEFAULT_THRESHOLD,
+    wait: float | None = None,
+    wait_threshold: float = DEFAULT_WAIT_THRESHOLD,
+) -> ProbeVerdict:
+    """Verdict on probe readings (seconds) against the idle figure, and on the measurement's run-queue wait.
+
+    Disturbed when the slowdown exceeds `threshold` or the wait fraction (None: not measured)
+    exceeds `wait_threshold`: either is evidence that something else had the cores.
+
+    Two readings (before and after a measurement): their maximum, since load that starts or stops
+    during the measurement shows in only one of them and a median of two would halve it. Three or
+    more (the timing loop reads the probe between its rounds too): their median, the statistic the
+    row itself reports: load over less than half of the measurement moves neither the median
+    latency nor the median reading, and one slow reading (a reading right after a cell that evicted
+    the probe's buffers) does not flag a quiet cell. Load over most of it moves both.
     A slowdown below 1 is reported as is: it means the idle figure was taken on a busy machine.
     """
     _check_idle(idle)
     _check_threshold(threshold)
+    _check_wait_threshold(wait_threshold)
+    if wait is not None and not (isinstance(wait, (int, float)) and 0 <= wait <= 1):
+        raise ValueError(f"run-queue wait must be a fraction in [0, 1], got {wait!r}")
     if len(readings) == 0:
         raise ValueError("assess needs at least one probe reading")
     bad = [r for r in readings if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0)]
     if bad:
         raise ValueError(f"probe readings must be positive finite seconds, got {bad[0]!r}")
-    slowdown = max(readings) / idle
-    return ProbeVerdict(disturbed=slowdown > threshold, slowdown=slowdown)
+    slowdown = (max(readings) if len(readings) < 3 else statistics.median(readings)) / idle
+    waited = wait is not None and wait > wait_threshold
+    return ProbeVerdict(disturbed=slowdown > threshold or waited, slowdown=slowdown, wait=wait)
 
 
 @dataclass(frozen=True)
@@ -299,15 +386,19 @@ class RetryPolicy:
       cost (each retry repeats the cell's >= 0.3 s of timing) before the row is flagged anyway.
     - `backoff_s` 0.5, growing x2 (0.5 s, then 1 s): long enough for a burst to pass, short
       against the cell; the worst case adds 1.5 s of sleep to a disturbed cell.
+    - `wait_threshold` 0.1: the run-queue wait fraction above which a measurement is disturbed
+      whatever the probe read (see `runqueue_meter`).
     """
 
     threshold: float = DEFAULT_THRESHOLD
     max_retries: int = 2
     backoff_s: float = 0.5
     backoff_growth: float = 2.0
+    wait_threshold: float = DEFAULT_WAIT_THRESHOLD
 
     def __post_init__(self) -> None:
         _check_threshold(self.threshold)
+        _check_wait_threshold(self.wait_threshold)
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ValueError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
         if not (math.isfinite(self.backoff_s) and self.backoff_s >= 0):
@@ -327,7 +418,8 @@ class Measured(Generic[T]):
     `noisy`: still disturbed after every retry (the value is kept, to be reported with the flag);
     `slowdown`: the probe slowdown of the returned attempt; `attempts`: measurements made
     (1 = first was quiet); `probes`: every reading in order, before and after each attempt;
-    `slowdowns`: each attempt's slowdown, so a report can show how disturbed the discarded ones were.
+    `slowdowns`: each attempt's slowdown, so a report can show how disturbed the discarded ones were;
+    `wait`: the returned attempt's run-queue wait fraction (None: not measured).
     """
 
     value: T
@@ -336,22 +428,31 @@ class Measured(Generic[T]):
     attempts: int
     probes: list[float] = field(default_factory=list)
     slowdowns: list[float] = field(default_factory=list)
+    wait: float | None = None
 
 
 def measure_until_quiet(
-    measure: Callable[[], T],
+    measure: Callable[..., T],
     probe: Callable[[], float],
     idle: float,
     policy: RetryPolicy | None = None,
     sleep: Callable[[float], object] = time.sleep,
+    probe_between: bool = False,
+    meter: Callable[[], Callable[[], float | None]] | None = None,
 ) -> Measured[T]:
-    """Run `measure` between two probe readings; re-measure while the probe says disturbed.
+    """Run `measure` between two probe readings; re-measure while the probe (or the run queue) says disturbed.
 
-    Up to `policy.max_retries` re-measurements, each after a growing back-off; the probe is read
+    `meter` (e.g. `runqueue_meter`) is started before each attempt's measurement and read after it;
+    its wait fraction joins the probe readings in `assess`.
+
+    With `probe_between`, `measure` is called with a function that takes one more reading (the timing
+    loop calls it between its rounds), so load that comes and goes within a long measurement is seen
+    even when both ends read quiet. Up to `policy.max_retries` re-measurements, each after a growing
+    back-off; the probe is read
     again after each back-off rather than reusing the previous "after" reading, because the
     point of waiting is that the load may have left. That "before" reading runs with the
     scheduler's wake-up credit from the sleep and can read quiet under load (seen here); the
-    "after" one follows the measurement in steady state, and `assess` takes the max of the two. Returns the last attempt (not the fastest:
+    "after" one follows the measurement in steady state, and `assess` takes the max of them. Returns the last attempt (not the fastest:
     choosing the fastest of disturbed attempts would bias rows low on exactly the busy machines
     this guards against). Exceptions from `measure` or `probe` propagate: the runner turns them
     into a failed row as it does today.
@@ -363,11 +464,13 @@ def measure_until_quiet(
     attempt = 0
     while True:
         attempt += 1
-        before = probe()
-        value = measure()
-        after = probe()
-        probes += [before, after]
-        verdict = assess([before, after], idle, policy.threshold)
+        readings = [probe()]
+        read_wait = meter() if meter is not None else None
+        value = measure(lambda readings=readings: readings.append(probe())) if probe_between else measure()
+        wait = read_wait() if read_wait is not None else None
+        readings.append(probe())
+        probes += readings
+        verdict = assess(readings, idle, policy.threshold, wait, policy.wait_threshold)
         slowdowns.append(verdict.slowdown)
         if not verdict.disturbed or attempt > policy.max_retries:
             return Measured(
@@ -377,6 +480,7 @@ def measure_until_quiet(
                 attempts=attempt,
                 probes=probes,
                 slowdowns=slowdowns,
+                wait=wait,
             )
         sleep(policy.backoff(attempt))
 

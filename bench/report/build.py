@@ -1,8 +1,9 @@
 """Build the report from a results folder: the parts in reading order, then each rendering and the figures.
 
-Reading order: the summary (one ranked row per method and impl: the promise),
-provenance, the per-cell tables by task, each task's own sections, scaling
-slopes and efficiency length, Not measured, and the figures.
+Reading order: a lead line on timing (how many timed rows the interference probe
+found disturbed, and how they are marked), the summary (one ranked row per method
+and impl: the promise), provenance, the per-cell tables by task, each task's own
+sections, scaling slopes and efficiency length, Not measured, and the figures.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from bench.report.plots import context_plots, plots_part
 from bench.report.rows import NoResults, context_rows, load_results, prepare
 from bench.report.slopes import slopes_part
 from bench.report.summary import summarise, summary_parts
-from bench.report.tables import cell_parts, not_measured_part, provenance_part
+from bench.report.tables import cell_parts, not_measured_part, provenance_part, timing_line
 from tasks import TASKS
 
 TITLE = "attnbench leaderboard"
@@ -97,10 +98,11 @@ def write_report(
     out = Path(out_dir) if out_dir is not None else default
     out.mkdir(parents=True, exist_ok=True)
     parts = report_parts(df, results_dir, out, corrupt, baseline)
+    lead = [timing_line(df)]
     path = out / "leaderboard.md"
-    path.write_text(render_markdown(TITLE, parts), encoding="utf-8")
-    (out / "leaderboard.tex").write_text(render_latex(parts), encoding="utf-8")
-    (out / "index.html").write_text(render_html(TITLE, parts), encoding="utf-8")
+    path.write_text(render_markdown(TITLE, parts, lead), encoding="utf-8")
+    (out / "leaderboard.tex").write_text(render_latex(parts, lead), encoding="utf-8")
+    (out / "index.html").write_text(render_html(TITLE, parts, lead), encoding="utf-8")
     return path
 
 

@@ -41,6 +41,7 @@ class Table:
     cell_ids: pd.Series | None = None
     attrs: pd.DataFrame | None = None
     numeric: tuple[str, ...] = ()  # right-aligned columns
+    note: str = ""  # printed under the table: what a mark in its cells means
 
 
 @dataclass

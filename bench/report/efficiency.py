@@ -8,7 +8,8 @@ aside). The efficiency length is where the two fits cross,
 N* = (a / a0)^(1 / (k0 - k)). Fits rather than measured points, because
 measured curves cross several times in noise at short lengths, and a fit
 extrapolates (flagged as such) beyond the longest length measured. Done for
-latency and for peak memory.
+latency and for peak memory. A time crossing whose curve or baseline curve has a
+row the interference probe found disturbed is marked † (hatched in the figure).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
+from bench.disturbed import LABEL, MARK
 from bench.report.document import Part, Table
-from bench.report.format import MISSING, PARAMS
+from bench.report.format import DISTURBED_NOTE, MISSING, PARAMS
 from bench.report.slopes import curve_cells, fit_curves
 
 BASELINE = ("softmax", "sdpa")
@@ -29,7 +32,7 @@ METRICS = {"latency_ms": "time", "peak_mem_bytes": "memory"}
 EFFICIENCY_PNG = "efficiency_length.png"
 PLOT_MAX = 2.0**30  # bars stop here: a crossover at a billion tokens is as good as never
 RESULTS = ("metric", "slope", "baseline_slope", "efficiency_length", "meaning", "extrapolated", "min_kv_len",
-           "max_kv_len")  # fmt: skip
+           "max_kv_len", "disturbed")  # fmt: skip
 NOT_SHAPE = ("method", "impl", PARAMS)  # a curve's columns that the baseline's need not share
 
 
@@ -57,8 +60,9 @@ def efficiency_lengths(df: pd.DataFrame, baseline: tuple[str, str] = BASELINE, m
         is_base = (curves["method"] == baseline[0]) & (curves["impl"] == baseline[1])
         base = (
             curves[is_base]
-            .drop_duplicates(shape)[[*shape, "a", "k", "min_kv_len", "max_kv_len"]]
-            .rename(columns={"a": "a0", "k": "k0", "min_kv_len": "b_min", "max_kv_len": "b_max"})
+            .drop_duplicates(shape)[[*shape, "a", "k", "min_kv_len", "max_kv_len", "disturbed"]]
+            .rename(columns={"a": "a0", "k": "k0", "min_kv_len": "b_min", "max_kv_len": "b_max",
+                             "disturbed": "b_disturbed"})  # fmt: skip
         )
         m = curves[~is_base].drop(columns="n_lengths").merge(base, on=shape, how="inner")
         if m.empty:
@@ -69,8 +73,9 @@ def efficiency_lengths(df: pd.DataFrame, baseline: tuple[str, str] = BASELINE, m
         meaning = [f[1] for f in found]
         lo, hi = np.maximum(m["min_kv_len"], m["b_min"]), np.minimum(m["max_kv_len"], m["b_max"])
         m = m.assign(metric=name, slope=m["k"], baseline_slope=m["k0"], efficiency_length=n, meaning=meaning,
-                     extrapolated=np.isfinite(n) & ~((lo <= n) & (n <= hi)))  # fmt: skip
-        out.append(m.drop(columns=["a", "k", "a0", "k0", "b_min", "b_max"]))
+                     extrapolated=np.isfinite(n) & ~((lo <= n) & (n <= hi)),
+                     disturbed=m["disturbed"].astype(bool) | m["b_disturbed"].astype(bool))  # fmt: skip
+        out.append(m.drop(columns=["a", "k", "a0", "k0", "b_min", "b_max", "b_disturbed"]))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
@@ -90,8 +95,8 @@ def efficiency_part(eff: pd.DataFrame, baseline: tuple[str, str] = BASELINE) -> 
     text = pd.Series(
         [fmt_length(n, m) for n, m in zip(eff["efficiency_length"], eff["meaning"], strict=True)], index=eff.index
     )
-    eff["_text"] = text + np.where(eff["extrapolated"], "*", "")
-    eff["_slope"] = eff["slope"].map(lambda x: f"{x:.2f}")
+    eff["_text"] = text + np.where(eff["extrapolated"], "*", "") + np.where(eff["disturbed"], MARK, "")
+    eff["_slope"] = eff["slope"].map(lambda x: f"{x:.2f}") + np.where(eff["disturbed"], MARK, "")
     wide = eff.pivot_table(index=curve, columns="metric", values="_text", aggfunc="first")
     slope = eff[eff["metric"] == "time"].drop_duplicates(curve).set_index(curve)["_slope"]
     wide = wide.reindex(columns=["time", "memory"]).join(slope.rename("slope (time)")).fillna(MISSING).reset_index()
@@ -101,7 +106,8 @@ def efficiency_part(eff: pd.DataFrame, baseline: tuple[str, str] = BASELINE) -> 
     text = (f"Context length where a power-law fit of the method's cost crosses the fit of {'/'.join(baseline)} at the "
             "same pattern, mode, dtype and shape (CAB's efficiency length); * = outside the measured lengths "
             "(an extrapolation).")  # fmt: skip
-    return Part("Efficiency length", text=[text], tables=[Table(cells, caption=caption)])
+    note = DISTURBED_NOTE + f" Here {MARK} marks a crossing fitted through such a row." if eff["disturbed"].any() else ""
+    return Part("Efficiency length", text=[text], tables=[Table(cells, caption=caption, note=note)])
 
 
 def efficiency_plot(eff: pd.DataFrame, path: Path, baseline: tuple[str, str] = BASELINE) -> Path | None:
@@ -114,7 +120,9 @@ def efficiency_plot(eff: pd.DataFrame, path: Path, baseline: tuple[str, str] = B
     top = tuple(sizes.sort_values(["n", "fwd"], ascending=False, kind="stable").iloc[0][shape])
     sel = eff[(eff[shape].astype(str) == pd.Series(top, index=shape).astype(str)).all(axis=1)]
     labels = sorted((sel["method"].astype(str) + "/" + sel["impl"].astype(str)).unique())
-    fig = Figure(figsize=(7.0, 0.6 + 0.22 * len(labels) + 0.6), dpi=150)
+    disturbed = bool(sel["disturbed"].any())
+    legend_in = 0.25 if disturbed else 0.0  # room below the axes for the hatch's legend entry
+    fig = Figure(figsize=(7.0, 0.6 + 0.22 * len(labels) + 0.6 + legend_in), dpi=150)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
     for ax, name in zip(axes, ("time", "memory"), strict=True):
@@ -128,9 +136,9 @@ def efficiency_plot(eff: pd.DataFrame, path: Path, baseline: tuple[str, str] = B
                 continue
             r = r.iloc[0]
             color = "C2" if r["meaning"] == "cheaper beyond" else "C3"
-            ax.barh(
-                i, min(r["efficiency_length"], PLOT_MAX), color=color, alpha=0.5 if r["extrapolated"] else 1.0, left=1
-            )
+            ax.barh(i, min(r["efficiency_length"], PLOT_MAX), color=color, alpha=0.5 if r["extrapolated"] else 1.0,
+                    left=1, hatch="////" if r["disturbed"] else None, edgecolor="black" if r["disturbed"] else None,
+                    gid="disturbed" if r["disturbed"] else None)  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xlim(1, PLOT_MAX)
         ax.set_title(f"{name}: N* vs {'/'.join(baseline)}", fontsize=8)
@@ -140,6 +148,10 @@ def efficiency_plot(eff: pd.DataFrame, path: Path, baseline: tuple[str, str] = B
     axes[0].set_yticks(range(len(labels)), labels)
     fig.suptitle("Efficiency length (green: cheaper beyond N*; red: cheaper below; faded: extrapolated)\n"
                  + " · ".join(str(t) for t in top if str(t)), fontsize=8)  # fmt: skip
-    fig.subplots_adjust(left=0.25, right=0.97, top=1 - 0.6 / fig.get_figheight(), bottom=0.45 / fig.get_figheight())
+    if disturbed:
+        fig.legend(handles=[Patch(facecolor="white", edgecolor="black", hatch="////", label=f"{LABEL}: fitted "
+                                  "through a disturbed row")], loc="lower center", fontsize=6, frameon=False)  # fmt: skip
+    height = fig.get_figheight()
+    fig.subplots_adjust(left=0.25, right=0.97, top=1 - 0.6 / height, bottom=(0.45 + legend_in) / height)
     fig.savefig(path)
     return path

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import pandas as pd
 
+from bench.disturbed import MARK
 from tasks.base import Metric
 
 MIB = 2**20
@@ -25,6 +26,12 @@ SPREAD = ("_p10", "_p90")  # a metric `x` with declared companions `x_p10`, `x_p
 SHAPE_TRIPLE = ("batch", "heads", "head_dim")  # shown together as B×H×D
 CONTEXT = ("seq_len", "kv_len")  # shown together as N (self) or q / kv (cross)
 PARAMS = "method_params"  # every row's key (the runner adds it): shown where one method ran with several sets
+# Under every table with a mark: what the mark means (the same words in leaderboard.md, .tex and index.html).
+DISTURBED_NOTE = (
+    f"{MARK} disturbed: the interference probe found the machine busy (or NVML found the GPU clocks throttled) "
+    "while the row was timed, even after re-measuring; its timing values (latency, throughput, % of peak) are "
+    "kept but not to be trusted. Its memory and accuracy are unaffected."
+)
 
 
 # ---------------------------------------------------------------- numbers
@@ -141,6 +148,13 @@ def fmt_metric(values: pd.Series, metric: Metric, like: pd.Series | None = None)
     return text.where(~words, values.map(fmt_value))
 
 
+def marked(text: pd.Series, mask: pd.Series) -> pd.Series:
+    """The text with the disturbed mark after each value of a masked row (the mark follows the whole cell, spread
+    included); an empty cell or a dash stays unmarked: there is no value to distrust."""
+    mask = mask.reindex(text.index, fill_value=False).astype(bool) & ~text.isin(["", MISSING])
+    return text.where(~mask, text + MARK)
+
+
 def fmt_spread(df: pd.DataFrame, metric: Metric) -> pd.Series:
     """'1.23 [1.2–1.3]': the value with its p10–p90 spread where the row has one (tells a difference from noise)."""
     lo, hi = (f"{metric.name}{s}" for s in SPREAD)
@@ -233,7 +247,7 @@ def md_table(cells: pd.DataFrame) -> str:
 LATEX_SPECIAL = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
     "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "×": r"$\times$", "–": "--", "—": "---", "²": r"$^2$",
-    "↑": r"$\uparrow$", "↓": r"$\downarrow$", "·": r"$\cdot$", "≥": r"$\geq$",
+    "↑": r"$\uparrow$", "↓": r"$\downarrow$", "·": r"$\cdot$", "≥": r"$\geq$", MARK: r"$^{\dagger}$",
 }  # fmt: skip
 
 

@@ -155,7 +155,9 @@ def table_html(table: Table) -> str:
     cls = "sortable lb" if ids is not None else "sortable"
     ident = f' id="{e(table.id)}"' if table.id else ""
     caption = f'<p class="note">{inline(table.caption)}</p>' if table.caption else ""
-    return f'{caption}<table{ident} class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    note = f'<p class="note">{inline(table.note)}</p>' if table.note else ""
+    return (f'{caption}<table{ident} class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+            f"</table>{note}")  # fmt: skip
 
 
 def image_tag(path: Path) -> str:
@@ -192,13 +194,15 @@ def filters_html(parts: list[Part]) -> str:
             f"each number links to its row, whose cell_id names the results file):</span><br>{selects}</div>")  # fmt: skip
 
 
-def render_html(title: str, parts: list[Part]) -> str:
-    """The page: the parts in order, the filters just before the first per-cell table."""
+def render_html(title: str, parts: list[Part], lead: Sequence[str] = ()) -> str:
+    """The page: the lead lines under the title, the parts in order, the filters just before the first per-cell
+    table."""
     out = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{e(title)}</title>",
         f"<style>{CSS}</style><script>{JS}</script></head><body>",
         f"<h1>{e(title)}</h1>",
+        *(f'<p class="lead">{inline(line)}</p>' for line in lead),
     ]
     cell_parts = [i for i, p in enumerate(parts) if any(t.cell_ids is not None for t in p.tables)]
     at = cell_parts[0] if cell_parts else -1

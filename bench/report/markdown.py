@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from bench.report.document import Item, Part
 from bench.report.format import md_table
 
@@ -20,10 +22,13 @@ def render_part(part: Part) -> str:
         if table.caption:
             out.append(f"{table.caption}\n")
         out.append(md_table(table.cells))
+        if table.note:  # after the blank line that ends the table (a plain line right under it is a row in GFM)
+            out.append(f"{table.note}\n")
     if part.figures:
         out.append("\n".join(f"![{p.stem}]({p.name})" for p in part.figures) + "\n")
     return "\n".join(out)
 
 
-def render_markdown(title: str, parts: list[Part]) -> str:
-    return "\n".join([f"# {title}\n", *(render_part(p) for p in parts)])
+def render_markdown(title: str, parts: list[Part], lead: Sequence[str] = ()) -> str:
+    """The document: the title, the lead lines (what a reader must know before any number), then the parts."""
+    return "\n".join([f"# {title}\n", *(f"{line}\n" for line in lead), *(render_part(p) for p in parts)])

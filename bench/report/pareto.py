@@ -6,7 +6,9 @@ the task states), so the figure and the summary table show the same numbers.
 Which way is better comes from each metric's declaration. A point is on the
 front when no other point is both cheaper and at least as good; the front is
 drawn as a step line and its points are filled. Compiled rows only (the summary
-leaves interpreted kernels out).
+leaves interpreted kernels out). A point whose cost or quality rests on a row the
+interference probe found disturbed (the summary's marks) gets a black diamond
+around it and a legend entry: its position on the cost axis is not to be trusted.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from bench.disturbed import LABEL
 from bench.report.format import file_slug
 from bench.report.summary import TaskSummary
 from tasks import TASKS
@@ -48,7 +51,14 @@ def pareto_points(summary: TaskSummary) -> tuple[pd.DataFrame, SummaryColumn | N
     pts = pd.concat([cost.values.rename("cost"), quality.values.rename("quality")], axis=1, join="inner")
     pts = pts.apply(pd.to_numeric, errors="coerce").dropna()
     labels = ["/".join(str(x) for x in ix) if isinstance(ix, tuple) else str(ix) for ix in pts.index]
-    return pts.reset_index(drop=True).assign(_label=labels), cost, quality
+    marks = column_marks(summary, cost) | column_marks(summary, quality)
+    disturbed = [tuple(str(x) for x in ix) in marks if isinstance(ix, tuple) else False for ix in pts.index]
+    return pts.reset_index(drop=True).assign(_label=labels, _disturbed=disturbed), cost, quality
+
+
+def column_marks(summary: TaskSummary, column: SummaryColumn) -> set[tuple[str, str]]:
+    """The (method, impl) whose value in this column rests on a disturbed row (by identity: columns hold Series)."""
+    return next((summary.marked(i) for i, c in enumerate(summary.columns) if c is column), set())
 
 
 def axis_label(column: SummaryColumn) -> str:
@@ -57,7 +67,16 @@ def axis_label(column: SummaryColumn) -> str:
 
 
 def pareto_plot(summary: TaskSummary, path: Path) -> Path | None:
-    """Scatter of quality against cost for one task, the Pareto front highlighted; None when < 2 points."""
+    """Scatter of quality against cost for one task, the Pareto front highlighted, saved; None when < 2 points."""
+    fig = pareto_figure(summary)
+    if fig is None:
+        return None
+    fig.savefig(path)
+    return path
+
+
+def pareto_figure(summary: TaskSummary) -> Figure | None:
+    """The Pareto figure of one task (not saved, so a test can read its artists); None when < 2 points."""
     pts, cost, quality = pareto_points(summary)
     if len(pts) < 2 or cost is None or quality is None:
         return None
@@ -73,6 +92,11 @@ def pareto_plot(summary: TaskSummary, path: Path) -> Path | None:
     ax.scatter(on["cost"], on["quality"], s=18, color="C3", zorder=3)
     for _, r in on.iterrows():
         ax.annotate(r["_label"], (r["cost"], r["quality"]), fontsize=5.5, xytext=(3, 2), textcoords="offset points")
+    hit = pts[pts["_disturbed"]]
+    if not hit.empty:
+        ax.scatter(hit["cost"], hit["quality"], s=48, marker="D", facecolors="none", edgecolors="black",
+                   linewidths=0.8, zorder=4, label=LABEL, gid="disturbed")  # fmt: skip
+        ax.legend(fontsize=6, loc="best", frameon=False)
     if (pts["cost"] > 0).all():
         ax.set_xscale("log")
     if sign_q < 0 and (pts["quality"] > 0).all():
@@ -84,8 +108,7 @@ def pareto_plot(summary: TaskSummary, path: Path) -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.set_title(f"{summary.task}: quality vs cost (red: Pareto front, {int(front.sum())} of {len(pts)})", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return fig
 
 
 def pareto_plots(summaries: list[TaskSummary], out: Path) -> list[Path]:

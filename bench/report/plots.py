@@ -4,7 +4,10 @@ Only rows of tasks with `plots_vs_context` are drawn: other tasks vary other
 keys at one context and would draw zig-zag lines. Never interpreted rows. One
 figure per task, hardware and dtype; a panel per (pattern, mode); a line per
 method/impl. A figure draws the subset of the remaining keys (B×H×D and other
-varying keys) with most rows; the other subsets are in the tables.
+varying keys) with most rows; the other subsets are in the tables. Timing figures
+(latency, % of peak) draw a point whose row the interference probe found disturbed
+hollow, with a legend entry: it is shown, not hidden, but not to be trusted. The
+memory figure marks nothing: memory is measured without the clock.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
+from bench.disturbed import LABEL, disturbed_mask, is_timing_metric
 from bench.report.document import Part
 from bench.report.format import (
     DEFAULTS,
@@ -54,8 +58,9 @@ def plot_data(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The rows a metric-vs-context plot may show: ok, compiled, of a task drawn against context, with the metric.
 
     Each row gets `_line` (the legend label), `_figure` (task · hardware · dtype:
-    one file each) and `_subset` (the rest of the point: one figure draws one
-    subset). Duplicates of a point keep the latest row.
+    one file each), `_subset` (the rest of the point: one figure draws one
+    subset) and `_disturbed` (a timing value of a row the probe found disturbed).
+    Duplicates of a point keep the latest row.
     """
     if "_pattern" not in df.columns:
         df = prepare(df)
@@ -64,7 +69,9 @@ def plot_data(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     if sel.empty:
         for col in ("_line", "_figure", "_subset"):
             sel[col] = pd.Series(dtype=str)
+        sel["_disturbed"] = pd.Series(dtype=bool)
         return sel
+    sel["_disturbed"] = disturbed_mask(sel) & is_timing_metric(metric)
     # Parameters name a line only where one method was run with several parameter sets.
     line = (
         sel["method"].astype(str) + "/" + sel["impl"].astype(str) + params_text(sel).map(lambda p: f" {p}" if p else "")
@@ -131,15 +138,21 @@ def draw_panel(ax: Axes, rows: pd.DataFrame, metric: str, styles: dict[str, tupl
     """
     # Plain numpy columns first: slicing Arrow-backed string columns per line dominated a 10k-row report.
     cols = [c for c in ("kv_len", metric, "latency_ms_p10", "latency_ms_p90") if c in rows.columns]
+    disturbed = rows["_disturbed"].to_numpy(bool) if "_disturbed" in rows.columns else False
     rows = pd.DataFrame(
-        {"_line": rows["_line"].to_numpy(dtype=object), **{c: pd.to_numeric(rows[c]).to_numpy(float) for c in cols}}
-    )
+        {"_line": rows["_line"].to_numpy(dtype=object), "_disturbed": disturbed,
+         **{c: pd.to_numeric(rows[c]).to_numpy(float) for c in cols}}
+    )  # fmt: skip
     for name, line in rows.groupby("_line", sort=True):
         line = line.sort_values("kv_len")
         x = line["kv_len"].to_numpy(float)
         y = (line[metric] / (MIB if metric == "peak_mem_bytes" else 1)).to_numpy(float)
         color, marker = styles[name]
         ax.plot(x, y, color=color, marker=marker, markersize=3.5, linewidth=1.2)
+        hit = line["_disturbed"].to_numpy(bool)
+        if hit.any():  # hollow over the filled marker: the point stays on its line, visibly distrusted
+            ax.plot(x[hit], y[hit], linestyle="none", marker=marker, markersize=5, markerfacecolor="white",
+                    markeredgecolor=color, markeredgewidth=1.0, gid="disturbed", zorder=3)  # fmt: skip
         if metric == "latency_ms" and "latency_ms_p10" in line and "latency_ms_p90" in line:
             spread = line["latency_ms_p10"].notna() & line["latency_ms_p90"].notna()
             if spread.any():
@@ -165,14 +178,32 @@ def figure_layout(n_panels: int, n_lines: int) -> tuple[int, int, float, float]:
     return nrows, ncols, width, height
 
 
+def legend_handles(styles: dict[str, tuple[str, str]], disturbed: bool) -> list[Line2D]:
+    """A handle per line, and one for hollow (disturbed) points when a panel draws any."""
+    handles = [
+        Line2D([], [], color=c, marker=m, markersize=3.5, linewidth=1.2, label=n) for n, (c, m) in styles.items()
+    ]
+    if disturbed:
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=5, markerfacecolor="white",
+                              markeredgecolor="black", label=LABEL))  # fmt: skip
+    return handles
+
+
 def plot_figure(rows: pd.DataFrame, metric: str, title: str, path: Path) -> Path:
+    """One figure, saved (see `context_figure`)."""
+    context_figure(rows, metric, title).savefig(path)
+    return path
+
+
+def context_figure(rows: pd.DataFrame, metric: str, title: str) -> Figure:
     """One figure: a log-log panel per (pattern, mode), one shared legend below, sized for a page width."""
     panels = panel_order(rows)
     styles = line_styles(rows["_line"].unique())
-    nrows, ncols, width, height = figure_layout(len(panels), len(styles))
+    disturbed = bool(rows["_disturbed"].any()) if "_disturbed" in rows.columns else False
+    nrows, ncols, width, height = figure_layout(len(panels), len(styles) + disturbed)
     fig = Figure(figsize=(width, height), dpi=150)
     FigureCanvasAgg(fig)
-    legend_in = legend_height(len(styles))
+    legend_in = legend_height(len(styles) + disturbed)
     fig.subplots_adjust(
         left=0.7 / width, right=1 - 0.15 / width, top=1 - TOP_IN / height, bottom=(legend_in + 0.45) / height,
         hspace=0.45, wspace=0.3,
@@ -189,14 +220,10 @@ def plot_figure(rows: pd.DataFrame, metric: str, title: str, path: Path) -> Path
             ax.set_ylabel(ylabel, fontsize=8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    handles = [
-        Line2D([], [], color=c, marker=m, markersize=3.5, linewidth=1.2, label=n) for n, (c, m) in styles.items()
-    ]
-    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.1 / height), ncol=LEGEND_COLUMNS,
-               fontsize=7, frameon=False)  # fmt: skip
+    fig.legend(handles=legend_handles(styles, disturbed), loc="lower center", bbox_to_anchor=(0.5, 0.1 / height),
+               ncol=LEGEND_COLUMNS, fontsize=7, frameon=False)  # fmt: skip
     fig.suptitle(f"{name} vs context length\n{title}", fontsize=10, y=1 - 0.08 / height, va="top")
-    fig.savefig(path)
-    return path
+    return fig
 
 
 def placeholder_figure(metric: str, path: Path) -> Path:
@@ -253,7 +280,8 @@ def plots_part(paths: list[Path], not_drawn: int) -> Part:
     text = [
         "Compiled rows only (interpreted rows are never plotted). Context-length figures: one per task, hardware "
         "and dtype, for the tasks drawn against the context length; each draws the point (B×H×D and other keys) "
-        "with most rows."
+        f"with most rows. Hollow points (legend: {LABEL}) are rows whose timing the interference probe found "
+        "disturbed; the memory figure marks none (memory is measured without the clock)."
     ]
     if not_drawn:
         text.append(f"{not_drawn} plottable (row, metric) pairs of other points are in the tables only.")

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.disturbed import FLAGS, MARK, SLOWDOWN, WAIT, disturbed_mask, flag, is_timing_metric, probed, timed_mask
 from bench.report.document import Item, Part, Table
 from bench.report.format import (
     CONTEXT,
     DEFAULTS,
+    DISTURBED_NOTE,
     MISSING,
     PARAMS,
     SHAPE_TRIPLE,
@@ -27,6 +29,7 @@ from bench.report.format import (
     fmt_spread,
     fmt_value,
     listed,
+    marked,
     metric_header,
     point_text,
     varies,
@@ -138,10 +141,14 @@ def cell_table(group: pd.DataFrame, table_id: str = "") -> Table:
         cells["point"] = point_text(group, varying)
         sort_keys["point"] = point_rank.loc[group.index]
     notes = []
+    disturbed, any_marked = disturbed_mask(group), False
     for m in shown:
         header = metric_header(m, group[m.name])
         spread = has_spread(m, metrics, group)
         cells[header] = fmt_spread(group, m) if spread else fmt_metric(group[m.name], m)
+        if is_timing_metric(m.name, m.unit, m.judge):
+            cells[header] = marked(cells[header], disturbed)
+            any_marked |= bool(cells[header].str.endswith(MARK).any())
         sort_keys[header] = pd.to_numeric(group[m.name], errors="coerce")
         if spread:
             notes.append(f"{m.label or m.name}: value [p10–p90]")
@@ -159,6 +166,7 @@ def cell_table(group: pd.DataFrame, table_id: str = "") -> Table:
         cell_ids=group["cell_id"].astype(str),
         attrs=pd.DataFrame({"task": group["_task"], "pattern": group["_pattern"], "dtype": group["_dtype"]}),
         numeric=tuple(c for c in sort_keys.columns if c != "point"),
+        note=DISTURBED_NOTE if any_marked else "",
     )
 
 
@@ -229,6 +237,30 @@ def provenance_part(df: pd.DataFrame, results_dir: Path, n_corrupt: int) -> Part
             Item("Generated", [datetime.now(timezone.utc).isoformat(timespec="seconds")], code=False),
         ],
     )
+
+
+def timing_line(df: pd.DataFrame) -> str:
+    """The report's first line: how many timed rows the interference probe found disturbed, and their mark.
+
+    Stated even when none was (a reader cannot tell 'quiet' from 'not checked' by the absence of marks), and
+    rows written before the probe say so rather than passing for quiet ones.
+    """
+    timed = timed_mask(df)
+    n, hit = int(timed.sum()), timed & disturbed_mask(df)
+    if hit.any():
+        kinds = " or ".join(f for f in FLAGS if f in df.columns and df.loc[hit, f].map(flag).any())
+        slowdown = pd.to_numeric(df.loc[hit, SLOWDOWN], errors="coerce") if SLOWDOWN in df.columns else None
+        most = slowdown.max() if slowdown is not None else float("nan")
+        worst = f"; probe up to {most:.1f}x slower than idle" if pd.notna(most) else ""
+        wait = pd.to_numeric(df.loc[hit, WAIT], errors="coerce").max() if WAIT in df.columns else float("nan")
+        worst += f"; threads waited up to {wait:.0%} of the time for a core" if pd.notna(wait) else ""
+        return (f"Timing: {int(hit.sum())} of {n} timed rows were disturbed ({kinds}{worst}) and are marked {MARK}: "
+                "after their timing values in the tables, hollow in the timing plots; their timings are kept but not "
+                "to be trusted.")  # fmt: skip
+    if not probed(df):
+        return (f"Timing: no timed row was disturbed as far as the rows say: none of the {n} timed rows carries an "
+                "interference-probe reading (written before the probe, or with it turned off).")  # fmt: skip
+    return f"Timing: no timed row was disturbed ({n} timed rows; interference probe quiet)."
 
 
 def failure_points(rows: pd.DataFrame, everything: pd.DataFrame) -> pd.Series:
