@@ -49,7 +49,10 @@ def softmax_table(df: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(index=wide.index)
     for impl in PEERS:
         for col, name in (("tflops", "tflops"), ("pct_peak", "pct")):
-            out[f"{impl}_{name}"] = wide[col][impl] if impl in wide[col] else float("nan")
+            # pivot_table drops an all-NaN column: no pct_peak where the profile has no peak for the dtype
+            # (a CPU without fast bf16 skips measuring it).
+            has = col in wide.columns.get_level_values(0) and impl in wide[col]
+            out[f"{impl}_{name}"] = wide[col][impl] if has else float("nan")
     lat = wide["latency_ms"]
     out["kernel_vs_sdpa"] = lat["sdpa"] / lat["kernel"] if {"sdpa", "kernel"} <= set(lat.columns) else float("nan")
     return out.reset_index()

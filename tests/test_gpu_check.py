@@ -111,3 +111,14 @@ def test_script_refuses_bad_arguments_and_missing_wheels_on_one_line(tmp_path):
     proc = subprocess.run(["bash", str(tmp_path / "scripts" / SCRIPT.name)], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "make gpu-wheels" in proc.stderr
+
+
+def test_summary_without_a_peak_for_the_dtype_leaves_pct_empty(tmp_path):
+    """A CPU without fast bf16 skips measuring its peak, so no row has pct_peak: the table still renders."""
+    for impl, latency in (("kernel", 2.0), ("sdpa", 1.0)):
+        write_row(tmp_path, {**scaling_row("softmax", impl, 128, False, latency), "pct_peak": None})
+    summary = load_summary()
+    table = summary.softmax_table(load(tmp_path)).set_index(["seq_len", "causal", "mode"])
+    row = table.loc[(128, False, "fwd")]
+    assert row["kernel_tflops"] == pytest.approx(5.0) and pd.isna(row["kernel_pct"]) and pd.isna(row["sdpa_pct"])
+    assert "kernel vs sdpa" in summary.render(load(tmp_path))
