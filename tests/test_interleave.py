@@ -308,17 +308,21 @@ def test_verdict_needs_no_noisy_repeat_and_a_small_cv() -> None:
     assert noise.verdict([cell_noise([10.0, 14.0, 8.0], ratios=[0.5, 0.51, 0.5])], 1.15)[0]
 
 
-def test_noise_command_end_to_end() -> None:
-    args = ["bench.noise", "method=softmax", "impl=[reference,sdpa]", "task=scaling", "task.seq_len=32",
-            "task.heads=1", "task.head_dim=16", "threads=1", "+timing.min_time_s=0.005", "--repeats", "2",
-            "--normalize-by", "sdpa"]  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
-    assert done.returncode in (0, 1), done.stderr
-    out = done.stdout
+def test_noise_command_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+    """The command as run from the shell (in-process: `main` is the entry point; threads restored after)."""
+    args = ["method=softmax", "impl=[reference,sdpa]", "task=scaling", "task.seq_len=32", "task.heads=1",
+            "task.head_dim=16", "threads=1", "+timing.min_time_s=0.005", "--repeats", "2", "--normalize-by", "sdpa"]  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        code = noise.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert code in (0, 1)
     assert "probe: idle" in out and "softmax/reference seq_len=32" in out and "ratio to softmax/sdpa" in out
     verdict_lines = [line for line in out.splitlines() if line.startswith(("quiet enough:", "NOT quiet enough:"))]
     assert len(verdict_lines) == 1
-    assert (done.returncode == 0) == verdict_lines[0].startswith("quiet enough:")
+    assert (code == 0) == verdict_lines[0].startswith("quiet enough:")
 
 
 @pytest.mark.parametrize(
