@@ -83,16 +83,18 @@ def test_assess_a_long_run_queue_wait_is_disturbed_whatever_the_probe_read() -> 
 def test_runqueue_wait_is_the_waiting_share_of_runnable_time() -> None:
     before = {"1": (100, 10), "2": (50, 0)}
     after = {"1": (160, 30), "3": (20, 20)}  # thread 2 exited, thread 3 started in between
-    assert runqueue_wait(before, after) == pytest.approx((20 + 20) / (60 + 20 + 20 + 20))
+    assert runqueue_wait(before, after, min_runnable_ns=0) == pytest.approx((20 + 20) / (60 + 20 + 20 + 20))
     assert runqueue_wait(None, after) is None and runqueue_wait(before, None) is None
-    assert runqueue_wait(before, before) is None  # no runnable time in between
+    assert runqueue_wait(before, before, min_runnable_ns=0) is None  # no runnable time in between
+    assert runqueue_wait(before, after, min_runnable_ns=121) is None  # too short a window to judge
+    assert runqueue_wait(before, after, min_runnable_ns=120) is not None
 
 
 def test_runqueue_meter_reads_this_process() -> None:
     """Linux: the meter reads a fraction in [0, 1] over a busy interval; elsewhere None (nothing to read)."""
     read = runqueue_meter()
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 0.02:
+    while time.perf_counter() - t0 < 0.05:  # several scheduler ticks of runnable time
         pass
     wait = read()
     if Path("/proc/self/task").is_dir():

@@ -6,6 +6,7 @@ mean the same thing.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,18 +57,21 @@ class TimedCall:
     peak_tflops: float | None = None
 
 
-# Measurements in a row that ended noisy. Sustained load does not leave by waiting: after NOISY_STREAK of them
-# the next measurements are made once (and flagged if disturbed) until one is quiet again, so a busy machine
-# costs each cell one measurement, not 1 + max_retries plus 1.5 s of back-off.
+# Whether each of the last RECENT measurements ended noisy. Sustained load does not leave by waiting: while
+# NOISY_STREAK or more of them did, a measurement is made once (and flagged if disturbed), so a busy machine
+# costs each cell one measurement, not 1 + max_retries plus 1.5 s of back-off. Measured on this 2-core VM
+# with the host busy (383 of 614 rows noisy): retried cells took 457 s of the `cpu` suite's 798 s when only
+# an unbroken streak of three stopped the retries, since one quiet reading in between re-armed them.
+RECENT = 6
 NOISY_STREAK = 3
-_noisy_streak = 0
+_recent_noisy: collections.deque[bool] = collections.deque(maxlen=RECENT)
 
 
 def _probed(device: torch.device, timing: TimingConfig) -> tuple[Callable[[], float], float, RetryPolicy] | None:
     """The probe, its idle figure and the retry policy, or None when the config turns the probe off."""
     if not timing.probe:
         return None
-    retries = 0 if _noisy_streak >= NOISY_STREAK else timing.max_retries
+    retries = 0 if sum(_recent_noisy) >= NOISY_STREAK else timing.max_retries
     policy = RetryPolicy(threshold=timing.probe_threshold, max_retries=retries, backoff_s=timing.backoff_s,
                          wait_threshold=timing.wait_threshold)  # fmt: skip
     return (lambda: probe_seconds(device)), idle_probe_seconds(device), policy
@@ -141,8 +145,7 @@ def measure_calls(
         # The run queue is read on CPU only: a GPU cell's time is the device's, which host load does not take.
         meter = runqueue_meter if device.type == "cpu" else None
         measured = measure_until_quiet(attempt, probe, idle, policy, probe_between=True, meter=meter)
-        global _noisy_streak
-        _noisy_streak = _noisy_streak + 1 if measured.noisy else 0
+        _recent_noisy.append(bool(measured.noisy))
     evidence = _interference_columns(measured, before, gpu_state(device))
     if device.type == "cpu":
         evidence["cpu_thp_alloc"] = cpu_thp_alloc()
