@@ -16,6 +16,11 @@ see `bench.disturbed`) gets no latency verdict: its finding is `unjudged` with a
 "not judged: disturbed", it is listed on its own, and it does not count toward its method's
 verdict. Its accuracy, fidelity and status are still judged: load disturbs only the clock.
 
+Normalising cancels a uniformly slower machine, not one whose per-op costs differ (a baseline from
+another VM type put every reference method 1.2-1.8x off SDPA here). Rows name their machine (`device`
+and the host CPU's `machine`); the summary says when the two sides differ, and `--same-machine` (CI's
+choice) leaves such cells' latency unjudged ("not judged: other machine") instead of misjudging it.
+
 Exit codes: 0 no regression, 1 regression, 2 bad input (missing, empty or
 corrupt results, or nothing in common), with the one-line reason on stderr.
 """
@@ -43,6 +48,7 @@ SHAPE_LABEL = ("dtype", "batch", "heads", "seq_len", "kv_len", "head_dim", "caus
 BOOTSTRAP = 2000
 SEED = 0
 DISTURBED = "not judged: disturbed"  # how a disturbed cell's latency finding's detail starts
+OTHER_MACHINE = "not judged: other machine"  # ... and that of a cell measured on another machine (--same-machine)
 
 
 class BadInput(SystemExit):
@@ -92,6 +98,19 @@ class Comparison:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    base_machines: list[str] = field(default_factory=list)
+    cand_machines: list[str] = field(default_factory=list)
+    same_machine: bool = False  # latency judged only where both rows name the same machine
+
+    @property
+    def machines_differ(self) -> bool:
+        """Both sides name their machines and no machine is on both sides."""
+        return bool(self.base_machines and self.cand_machines) and not set(self.base_machines) & set(self.cand_machines)
+
+    @property
+    def other_machine(self) -> list[Finding]:
+        """Latency findings left unjudged because the two rows were measured on different machines."""
+        return [f for f in self.findings if is_other_machine_finding(f)]
 
     @property
     def regressions(self) -> list[Finding]:
@@ -122,6 +141,8 @@ class Comparison:
             "changed": [asdict(f) for f in self.findings if f.verdict != "ok"],
             "disturbed": [asdict(f) for f in self.disturbed],
             "n_disturbed": len(self.disturbed),
+            "machines": {"base": self.base_machines, "candidate": self.cand_machines},
+            "n_other_machine": len(self.other_machine),
             "n_findings": len(self.findings),
         }
 
@@ -311,11 +332,41 @@ def disturbance(
     return f"{DISTURBED} {'; disturbed '.join(why)}" if why else None
 
 
+def machine_of(row: pd.Series) -> str | None:
+    """The machine a row was measured on ("cpu: AMD EPYC; AuthenticAMD family 26 model 2 ..."); None for rows
+    written before rows named their host CPU, which are judged as before."""
+    machine = row.get("machine")
+    if machine is None or (isinstance(machine, float) and math.isnan(machine)) or machine is pd.NA:
+        return None
+    return f"{row.get('device')}; {machine}"
+
+
+def machines(df: pd.DataFrame) -> list[str]:
+    """The machines one side's rows name (none for rows that do not)."""
+    if "machine" not in df.columns:
+        return []
+    named = df.loc[df["machine"].notna(), ["device", "machine"]].drop_duplicates()
+    return sorted(machine_of(row) for _, row in named.iterrows())
+
+
+def other_machine(b: pd.Series, c: pd.Series) -> str | None:
+    """Why a matched cell's latency is not judged under --same-machine, or None when both rows share a machine."""
+    mb, mc = machine_of(b), machine_of(c)
+    if mb is None or mc is None or mb == mc:
+        return None
+    return f"{OTHER_MACHINE} (base {mb}; candidate {mc})"
+
+
 def not_judged(lat: Finding, why: str) -> Finding:
     """The latency finding of a disturbed cell: unjudged, no ratio or interval (so no method verdict counts
     it), the measured ratio kept in the detail for a reader."""
     return Finding(lat.cell, "latency", "unjudged", lat.base, lat.cand, f"{why}; as measured: {lat.detail}",
                    base_cell_id=lat.base_cell_id, cand_cell_id=lat.cand_cell_id)  # fmt: skip
+
+
+def is_other_machine_finding(f: Finding) -> bool:
+    """A latency finding left unjudged because its rows were measured on different machines (`other_machine`)."""
+    return f.kind == "latency" and f.verdict == "unjudged" and f.detail.startswith(OTHER_MACHINE)
 
 
 def is_disturbed_finding(f: Finding) -> bool:
@@ -366,6 +417,7 @@ def compare_frames(
     normalize_by: str | None = None,
     base_name: str = "base",
     cand_name: str = "candidate",
+    same_machine: bool = False,
 ) -> Comparison:
     """The comparison of two sets of rows; pure (no I/O), so tests can build rows by hand."""
     tol = tol or Tolerances()
@@ -373,7 +425,8 @@ def compare_frames(
     declared = metric_declarations(cand, base)
     b, c = with_keys(base, keys), with_keys(cand, keys)
     normalize_by = yardstick(normalize_by, base, cand) if normalize_by else None
-    result = Comparison(base_name, cand_name, normalize_by, tol)
+    result = Comparison(base_name, cand_name, normalize_by, tol, base_machines=machines(base),
+                        cand_machines=machines(cand), same_machine=same_machine)  # fmt: skip
     result.added = sorted(c.loc[c.index.difference(b.index), "_label"])
     result.removed = sorted(b.loc[b.index.difference(c.index), "_label"])
     common = b.index.intersection(c.index)
@@ -400,7 +453,9 @@ def compare_frames(
                 result.findings.append(Finding(str(cr["_label"]), "status", "ok", bst, cst, f"{bst} -> {cst}", **ids))
             continue
         lat = judge_latency(br, cr, tol, refs, normalize_by)
-        if lat is not None and (why := disturbance(br, cr, ref_noise, normalize_by)):
+        if lat is not None and same_machine and (why := other_machine(br, cr)):
+            lat = not_judged(lat, why)
+        elif lat is not None and (why := disturbance(br, cr, ref_noise, normalize_by)):
             lat = not_judged(lat, why)
         if lat is not None:
             result.findings.append(lat)
@@ -447,11 +502,15 @@ def method_findings(findings: list[Finding], tol: Tolerances, normalized: bool) 
 
 
 def compare(
-    base: Path | str, cand: Path | str, tol: Tolerances | None = None, normalize_by: str | None = None
+    base: Path | str,
+    cand: Path | str,
+    tol: Tolerances | None = None,
+    normalize_by: str | None = None,
+    same_machine: bool = False,
 ) -> Comparison:
     """Load both folders and compare them; BadInput when either is unusable or they share no cell."""
     bdf, cdf = load_side(base, "base"), load_side(cand, "candidate")
-    result = compare_frames(bdf, cdf, tol, normalize_by, str(base), str(cand))
+    result = compare_frames(bdf, cdf, tol, normalize_by, str(base), str(cand), same_machine)
     if result.matched == 0:
         raise BadInput(f"base {base} and candidate {cand} have no cell in common (different suites or tasks?)")
     return result
@@ -483,12 +542,16 @@ def to_markdown(result: Comparison, max_listed: int = 50) -> str:
     """A PR-comment-ready summary: the verdict first, then regressions, improvements, the cells not judged
     because disturbed, added and removed cells."""
     regs, imps, disturbed = result.regressions, result.improvements, result.disturbed
-    unjudged = [f for f in result.findings if f.verdict == "unjudged" and not is_disturbed_finding(f)]
+    other = result.other_machine
+    unjudged = [f for f in result.findings
+                if f.verdict == "unjudged" and not is_disturbed_finding(f) and not is_other_machine_finding(f)]  # fmt: skip
     lat = [f for f in result.findings if f.kind == "latency" and f.ci is not None]
     methods = [f for f in result.findings if f.kind == "latency (method)"]
     head = "❌ **Regression**" if regs else "✅ **No regression**"
     not_judged_text = f"; {len(disturbed)} cell(s) not judged: disturbed (timed on a busy or throttled machine)"
     not_judged_text = not_judged_text if disturbed else ""
+    if other:
+        not_judged_text += f"; {len(other)} cell(s) not judged: other machine"
     tol = result.tolerances
     lines = [
         "## attnbench compare\n",
@@ -505,6 +568,12 @@ def to_markdown(result: Comparison, max_listed: int = 50) -> str:
         f"- accuracy: drop > {tol.accuracy_drop}; fidelity: relative error > base × {1 + tol.fidelity_rel:g} "
         f"+ {tol.fidelity_abs:g}; status: ok → anything else\n",
     ]
+    if result.machines_differ:
+        consequence = ("latency not judged (--same-machine)" if result.same_machine else
+                       "latency ratios compare the machines as well as the code; rebuild the baseline on this machine "
+                       "type or pass --same-machine")  # fmt: skip
+        lines.insert(3, f"- ⚠ measured on different machines: base {', '.join(result.base_machines)}; candidate "
+                        f"{', '.join(result.cand_machines)}: {consequence}")  # fmt: skip
     for title, items in (("Regressions", regs), ("Improvements", imps), ("Not judged: disturbed", disturbed)):
         if items:
             lines.append(f"### {title} ({len(items)})\n")
@@ -547,6 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fidelity-rel-tol", type=float, default=Tolerances.fidelity_rel)
     parser.add_argument("--fidelity-abs-tol", type=float, default=Tolerances.fidelity_abs)
     parser.add_argument("--fail-on-removed", action="store_true", help="a cell missing from the candidate fails")
+    parser.add_argument("--same-machine", action="store_true",
+                        help="judge latency only where both rows name the same machine (others: 'not judged: other "
+                             "machine'); accuracy, fidelity and status are judged everywhere")  # fmt: skip
     parser.add_argument("--json", default=None, metavar="PATH", help="write the JSON verdict here ('-': stdout)")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="also write the Markdown summary here")
     args = parser.parse_args(argv)
@@ -554,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      args.min_cells, args.method_confidence, args.confidence, args.min_latency_ms, args.accuracy_tol,
                      args.fidelity_rel_tol, args.fidelity_abs_tol)  # fmt: skip
     try:
-        result = compare(args.base, args.candidate, tol, args.normalize_by)
+        result = compare(args.base, args.candidate, tol, args.normalize_by, args.same_machine)
     except BadInput as err:
         print(f"error: {err.code}", file=sys.stderr)
         return 2

@@ -305,3 +305,72 @@ def test_cli_exits_0_with_disturbed_cells_and_lists_them(tmp_path: Path, capsys:
     assert out["verdict"] == "ok" and out["n_disturbed"] == 8 == len(out["disturbed"])
     assert compare.main([str(base), str(cand), "--normalize-by", "sdpa"]) == 0
     assert "### Not judged: disturbed (8)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- machines (issue 14)
+
+ZEN5 = "AuthenticAMD family 26 model 2 stepping 1, 2 cpus"
+ZEN3 = "AuthenticAMD family 25 model 1 stepping 1, 2 cpus"
+
+
+def on(rows: list[dict], machine: str | None) -> list[dict]:
+    for r in rows:
+        r.update(device="cpu: AMD EPYC", machine=machine)
+    return rows
+
+
+def test_same_machine_leaves_latency_on_another_machine_unjudged_and_judges_the_rest() -> None:
+    """A baseline from another VM type (same masked model name) with linear 2x off: by default a regression and a
+    warning; with --same-machine latency is not judged there, while accuracy and status still are."""
+    declared = json.dumps([{"name": "accuracy", "better": "higher", "judge": "drop"}])
+    base = on(campaign(0), ZEN3)
+    cand = on(campaign(1, {"linear/reference": 2.0}), ZEN5)
+    for r in base + cand:
+        r["metrics"] = declared
+    next(r for r in cand if r["method"] == "softmax" and r["impl"] == "reference")["accuracy"] = 0.5
+    default = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa")
+    assert "linear/reference (all judged cells)" in [r.cell for r in default.regressions]
+    assert default.machines_differ and default.other_machine == []
+    md = compare.to_markdown(default)
+    assert f"measured on different machines: base cpu: AMD EPYC; {ZEN3}; candidate cpu: AMD EPYC; {ZEN5}" in md
+    assert "pass --same-machine" in md
+    strict = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa", same_machine=True)
+    assert [(r.kind, r.cell.split(" ")[0]) for r in strict.regressions] == [("accuracy", "softmax/reference")]
+    judged_before = [f for f in default.findings if f.kind == "latency" and f.verdict != "unjudged"]
+    assert len(strict.other_machine) == len(judged_before) > 0
+    assert all(f.ratio is None and f.detail.startswith(f"not judged: other machine (base cpu: AMD EPYC; {ZEN3}")
+               for f in strict.other_machine)  # fmt: skip
+    assert not [f for f in strict.findings if f.kind == "latency (method)"]
+    verdict = strict.to_json()
+    assert verdict["machines"] == {"base": [f"cpu: AMD EPYC; {ZEN3}"], "candidate": [f"cpu: AMD EPYC; {ZEN5}"]}
+    assert verdict["n_other_machine"] == len(strict.other_machine)
+    md = compare.to_markdown(strict)
+    assert "latency not judged (--same-machine)" in md and "cell(s) not judged: other machine" in md.splitlines()[2]
+
+
+def test_same_machine_judges_rows_of_one_machine_and_rows_that_name_none() -> None:
+    slower = {"linear/reference": 2.0}
+    for base_machine, cand_machine in ((ZEN5, ZEN5), (None, ZEN5), (None, None)):
+        base, cand = on(campaign(0), base_machine), on(campaign(1, slower), cand_machine)
+        result = compare.compare_frames(frame(base), frame(cand), normalize_by="sdpa", same_machine=True)
+        assert [r.cell for r in result.regressions] == ["linear/reference (all judged cells)"]
+        assert result.other_machine == [] and not result.machines_differ
+        assert "different machines" not in compare.to_markdown(result)
+
+
+def test_cli_same_machine_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = write(tmp_path / "base", on(campaign(0), ZEN3))
+    cand = write(tmp_path / "cand", on(campaign(1, {"linear/reference": 2.0}), ZEN5))
+    assert compare.main([str(base), str(cand), "--normalize-by", "sdpa"]) == 1
+    capsys.readouterr()
+    assert compare.main([str(base), str(cand), "--normalize-by", "sdpa", "--same-machine", "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_other_machine"] > 0
+
+
+def test_rows_name_their_host_cpu() -> None:
+    from bench.measure.provenance import cpu_arch, provenance
+
+    assert provenance()["machine"] == cpu_arch()
+    if Path("/proc/cpuinfo").is_file():
+        arch = cpu_arch()
+        assert arch is not None and arch.endswith(" cpus") and len(arch) > len(" cpus")

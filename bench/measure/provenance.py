@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -22,8 +23,33 @@ def _git(*args: str) -> str | None:
 
 
 @functools.cache
+def cpu_arch() -> str | None:
+    """The host CPU as its vendor, family, model and stepping, with the logical CPU count; None off Linux.
+
+    Why not the model name: clouds mask it ("AMD EPYC" here on a Zen 5 VM and on an earlier session's
+    VM alike), and the two ran the reference methods 1.2-1.8x apart relative to SDPA, so a latency
+    baseline from one misjudges the other (`bench.compare --same-machine`).
+    """
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if not key:  # the first processor's block ends here
+                break
+            fields.setdefault(key, value.strip())
+    except OSError:
+        return None
+    parts = [fields.get("vendor_id") or fields.get("CPU implementer")]
+    parts += [f"{name} {fields[key]}" for name, key in (("family", "cpu family"), ("model", "model"),
+              ("stepping", "stepping"), ("part", "CPU part")) if fields.get(key)]  # fmt: skip
+    parts = [p for p in parts if p]
+    return f"{' '.join(parts)}, {os.cpu_count()} cpus" if parts else None
+
+
+@functools.cache
 def provenance() -> dict:
-    """git commit and dirty flag, package versions; the same for every row of a process."""
+    """git commit and dirty flag, package versions, the host CPU; the same for every row of a process."""
     try:
         import triton
 
@@ -37,6 +63,7 @@ def provenance() -> dict:
         "torch_version": torch.__version__,
         "triton_version": triton_version,
         "python_version": platform.python_version(),
+        "machine": cpu_arch(),
     }
 
 
