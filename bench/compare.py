@@ -336,7 +336,7 @@ def machine_of(row: pd.Series) -> str | None:
     """The machine a row was measured on ("cpu: AMD EPYC; AuthenticAMD family 26 model 2 ..."); None for rows
     written before rows named their host CPU, which are judged as before."""
     machine = row.get("machine")
-    if machine is None or (isinstance(machine, float) and math.isnan(machine)) or machine is pd.NA:
+    if machine is None or pd.isna(machine):
         return None
     return f"{row.get('device')}; {machine}"
 
@@ -364,14 +364,18 @@ def not_judged(lat: Finding, why: str) -> Finding:
                    base_cell_id=lat.base_cell_id, cand_cell_id=lat.cand_cell_id)  # fmt: skip
 
 
+def _unjudged_because(f: Finding, why: str) -> bool:
+    return f.kind == "latency" and f.verdict == "unjudged" and f.detail.startswith(why)
+
+
 def is_other_machine_finding(f: Finding) -> bool:
     """A latency finding left unjudged because its rows were measured on different machines (`other_machine`)."""
-    return f.kind == "latency" and f.verdict == "unjudged" and f.detail.startswith(OTHER_MACHINE)
+    return _unjudged_because(f, OTHER_MACHINE)
 
 
 def is_disturbed_finding(f: Finding) -> bool:
     """A latency finding left unjudged because a row it rests on was disturbed (`disturbance`)."""
-    return f.kind == "latency" and f.verdict == "unjudged" and f.detail.startswith(DISTURBED)
+    return _unjudged_because(f, DISTURBED)
 
 
 def judge_metrics(b: pd.Series, c: pd.Series, tol: Tolerances, declared: dict[str, dict]) -> list[Finding]:

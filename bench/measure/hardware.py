@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bench.measure.files import atomic_write
+from bench.measure.provenance import cpuinfo
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +115,8 @@ def detect_device(requested: str = "auto") -> torch.device:
 
 def cpu_model_name() -> str:
     """CPU model string: the human-readable part of the cache identity and `device_name`."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
+    named = (value for key, value in cpuinfo().items() if key in ("model name", "Model", "Hardware"))  # file order
+    return next(named, None) or platform.processor() or platform.machine() or "unknown cpu"
 
 
 def _device_name(device: torch.device) -> str:

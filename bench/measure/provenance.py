@@ -23,6 +23,21 @@ def _git(*args: str) -> str | None:
 
 
 @functools.cache
+def cpuinfo() -> dict[str, str]:
+    """The first non-empty value of every key in /proc/cpuinfo, in file order (the first processor's, and the
+    trailing ARM keys such as "Hardware"); empty where there is no such file. The one reader of it: model name,
+    architecture, device."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() and value.strip():
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
 def cpu_arch() -> str | None:
     """The host CPU as its vendor, family, model and stepping, with the logical CPU count; None off Linux.
 
@@ -30,16 +45,7 @@ def cpu_arch() -> str | None:
     VM alike), and the two ran the reference methods 1.2-1.8x apart relative to SDPA, so a latency
     baseline from one misjudges the other (`bench.compare --same-machine`).
     """
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if not key:  # the first processor's block ends here
-                break
-            fields.setdefault(key, value.strip())
-    except OSError:
-        return None
+    fields = cpuinfo()
     parts = [fields.get("vendor_id") or fields.get("CPU implementer")]
     parts += [f"{name} {fields[key]}" for name, key in (("family", "cpu family"), ("model", "model"),
               ("stepping", "stepping"), ("part", "CPU part")) if fields.get(key)]  # fmt: skip
@@ -70,15 +76,7 @@ def provenance() -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu}"
+    return f"cpu: {cpuinfo().get('model name') or platform.processor() or platform.machine()}"
 
 
 def now_iso() -> str:
