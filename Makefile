@@ -4,9 +4,10 @@ VENV    ?= .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 SUITE   ?= auto
-RUN_ID  ?= $(shell date -u +%Y%m%d-%H%M%S)
+RUN_ID  ?=# empty: a new run, or the unfinished one (results/latest) if the same command was killed
 RESULTS ?= results/latest
 ARGS    ?=
+TEST_JOBS ?= auto# pytest-xdist processes for `make test` (auto: one per core; 0: in this process)
 
 .PHONY: install bench test test-all lint report list clean-results compare gpu-wheels kernel-fit
 
@@ -19,13 +20,13 @@ install: $(STAMP)
 
 # Runs the suite chosen for the device found (SUITE=cpu|gpu|smoke|full to choose), then the report.
 bench: $(STAMP)
-	ATTNBENCH_RUN_ID=$(RUN_ID) $(PYTHON) -m bench.run suite=$(SUITE) $(ARGS)
+	ATTNBENCH_RUN_ID=$(RUN_ID) ATTNBENCH_RESUME=1 $(PYTHON) -m bench.run suite=$(SUITE) $(ARGS)
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q $(ARGS)
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) $(ARGS)
 
 test-all: $(STAMP)
-	$(PYTHON) -m pytest -q -m "slow or not slow" $(ARGS)
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) -m "slow or not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(PYTHON) -m ruff check .

@@ -36,8 +36,12 @@ def _is_list(v: object) -> bool:
 
 
 def _distinct_lists(values: Iterable) -> list[tuple[str, ...]]:
-    """The distinct key lists of a column (lists are unhashable, so pandas cannot drop their duplicates)."""
-    return list(dict.fromkeys(tuple(str(x) for x in v) for v in values if _is_list(v)))
+    """The distinct key lists of a column (lists are unhashable, so pandas cannot drop their duplicates).
+
+    Joined into one text per row first (C speed): the report asks this of 10,000 rows for every table.
+    """
+    joined = dict.fromkeys("\x1f".join(map(str, v)) for v in values if _is_list(v))
+    return [tuple(text.split("\x1f")) if text else () for text in joined]
 
 
 def key_columns(*frames: pd.DataFrame) -> list[str]:

@@ -141,7 +141,7 @@ def measure(overrides: list[str], repeats: int) -> tuple[list[list[dict]], objec
     with tempfile.TemporaryDirectory(prefix="attnbench-noise-") as tmp:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=[*overrides, f"results_dir={tmp}", "force=true", "report=false"])
-        cells, settings, _ = prepare_run(cfg, cli_task_keys)
+        cells, settings, _, _ = prepare_run(cfg, cli_task_keys)
         for i in range(repeats):
             settings = dataclasses.replace(settings, results_dir=Path(tmp) / f"repeat{i}", run_id=f"noise-{i}")
             runs.append(run_cells(cells, settings, log=lambda s: None))

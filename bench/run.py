@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,21 +20,46 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from bench.measure.files import atomic_write
 from bench.measure.hardware import detect_device, resolve_profile
 from bench.measure.provenance import REPO_ROOT, new_run_id
 from bench.measure.timing import TimingConfig
 from bench.plan import CONF_DIR, group_names, plan_cells, resolve_suite
-from bench.sweep import RunSettings, run_cells
+from bench.schedule import parse_isolate, parse_shard, resolve_workers, shard_cells, worker_threads
+from bench.sweep import ResultsUnwritable, RunSettings, run_cells
 from methods import METHODS
 from methods.registry import UnknownName, unknown
 
 _RUN_ID: list[str] = []
 
 
+UNFINISHED = ".unfinished"  # in a run folder until every cell of its sweep has a row; holds the command line
+
+
+def unfinished_run(argv: list[str]) -> str | None:
+    """The id of the newest run (results/latest) if it was stopped before its end by the same command line."""
+    marker = REPO_ROOT / "results" / "latest" / UNFINISHED
+    try:
+        if json.loads(marker.read_text()).get("argv") == argv:
+            return (REPO_ROOT / "results" / "latest").resolve().name
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
 def run_id() -> str:
-    """One id per process (or ATTNBENCH_RUN_ID), so every job of a multirun writes to the same folder."""
+    """One id per process (or ATTNBENCH_RUN_ID), so every job of a multirun writes to the same folder.
+
+    With ATTNBENCH_RESUME=1 (`make bench`) a run killed before its end is taken up again by the same
+    command: its folder is reused, so only the cells without a row run."""
     if not _RUN_ID:
-        _RUN_ID.append(os.environ.get("ATTNBENCH_RUN_ID") or new_run_id())
+        resumed = unfinished_run(sys.argv[1:]) if os.environ.get("ATTNBENCH_RESUME") == "1" else None
+        if resumed:
+            print(f"attnbench: resuming the unfinished run {resumed} (same command line)")
+        _RUN_ID.append(os.environ.get("ATTNBENCH_RUN_ID") or resumed or new_run_id())
+        # Jobs a launcher starts elsewhere (submitit: a subprocess, a Slurm node) inherit the environment,
+        # so a sharded sweep writes one folder however its shards are spread.
+        os.environ["ATTNBENCH_RUN_ID"] = _RUN_ID[0]
     return _RUN_ID[0]
 
 
@@ -84,21 +110,26 @@ def update_latest(results_dir: Path) -> None:
     os.replace(tmp, latest)
 
 
-def prepare_run(cfg: DictConfig, cli_task_keys: tuple[str, ...] = ()) -> tuple[list, RunSettings, dict]:
-    """The cells a config names and the settings to measure them with; a bad name fails before anything runs."""
+def prepare_run(cfg: DictConfig, cli_task_keys: tuple[str, ...] = ()) -> tuple[list, RunSettings, dict, list]:
+    """The cells this process runs (its shard), the settings to measure them with, the suite, and every cell of
+    the sweep (all shards); a bad name or option fails before anything runs."""
     device = detect_device(cfg.device)
     suite = resolve_suite(OmegaConf.to_container(cfg.suite, resolve=True), device)
     threads = cfg.get("threads") or suite.get("threads")
     if threads:  # before the CPU profile is measured, so peaks and rows agree
         torch.set_num_threads(int(threads))
+    isolate = parse_isolate(cfg.get("isolate", "auto"))
+    workers = resolve_workers(cfg.get("workers", "auto"), device, isolate)
+    shard = parse_shard(cfg.get("shard"), cfg.get("shards"))
     # Plan first: a bad name, parameter or key fails before anything is measured (the CPU profile included).
     planned = plan_cells(cfg, device, "", cli_task_keys)
     timing = TimingConfig.from_mapping({**(suite.get("timing") or {}), **OmegaConf.to_container(cfg.timing, resolve=True)})
     profile = resolve_profile(cfg.hardware, device)
-    cells = [dataclasses.replace(cell, hardware=profile.name) for cell in planned]
+    every = [dataclasses.replace(cell, hardware=profile.name) for cell in planned]
     results_dir = Path(cfg.results_dir)
     if not results_dir.is_absolute():
         results_dir = Path.cwd() / results_dir
+    timeout = cfg.get("cell_timeout_s") or suite.get("cell_timeout_s") or 3600.0
     settings = RunSettings(
         results_dir=results_dir,
         run_id=str(cfg.run_id),
@@ -109,23 +140,58 @@ def prepare_run(cfg: DictConfig, cli_task_keys: tuple[str, ...] = ()) -> tuple[l
         measure_memory=bool(cfg.measure_memory),
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
         cache_dir=Path(cfg.cache_dir).absolute() if cfg.get("cache_dir") else None,
+        isolate=isolate,
+        cell_timeout_s=float(timeout),
+        workers=workers,
+        threads=worker_threads(threads, workers),
+        shard=str(shard) if shard else None,
     )
-    return cells, settings, suite
+    return shard_cells(every, shard), settings, suite, every
+
+
+def open_results(results_dir: Path) -> None:
+    """Create the folder and prove it takes a file, so a read-only or full folder fails before any cell runs."""
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(results_dir / UNFINISHED, lambda tmp: Path(tmp).write_text(json.dumps({"argv": sys.argv[1:]})))
+    except OSError as err:
+        raise ResultsUnwritable(f"cannot write results to {results_dir}: {err.strerror or err}") from err
+
+
+def sweep_complete(results_dir: Path, every: list) -> bool:
+    """Whether every cell of the sweep (all shards) has a row of some status in the folder."""
+    from bench.results import load
+
+    have = set(load(results_dir, on_corrupt="warn")["cell_id"])
+    return all(cell.cell_id in have for cell in every)
 
 
 def run(cfg: DictConfig, cli_task_keys: tuple[str, ...] = ()) -> list[dict]:
-    """Measure every cell the config names and write the report; returns the rows written."""
-    cells, settings, suite = prepare_run(cfg, cli_task_keys)
+    """Measure every cell the config names and write the report; returns the rows written.
+
+    Whichever process finds the sweep complete (the run itself, or, sharded, the last shard to finish)
+    compacts the folder and writes the report."""
+    cells, settings, suite, every = prepare_run(cfg, cli_task_keys)
     results_dir = settings.results_dir
-    results_dir.mkdir(parents=True, exist_ok=True)
+    open_results(results_dir)
     update_latest(results_dir)
-    print(f"attnbench: {len(cells)} cells, suite {suite['name']}, device {settings.device}, "
-          f"profile {settings.profile.name} -> {results_dir}")  # fmt: skip
+    where = f", shard {settings.shard} of {len(every)} cells" if settings.shard else ""
+    print(f"attnbench: {len(cells)} cells{where}, suite {suite['name']}, device {settings.device}, "
+          f"profile {settings.profile.name}, {settings.workers} worker(s), isolate={settings.isolate} -> {results_dir}")  # fmt: skip
     rows = run_cells(cells, settings)
     counts = collections.Counter(r["status"] for r in rows)
     noisy = sum(1 for r in rows if r.get("noisy"))
     print("attnbench: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "nothing new to measure")
           + (f"; {noisy} timed on a disturbed machine (noisy)" if noisy else ""))  # fmt: skip
+    if not sweep_complete(results_dir, every):
+        print(f"attnbench: other shards still running; the last to finish writes the report ({results_dir})")
+        return rows
+    (results_dir / UNFINISHED).unlink(missing_ok=True)
+    from bench.results import compact
+
+    done = compact(results_dir)  # one file to read instead of one per cell (bench.results); safe beside writers
+    if done.merged:
+        print(f"attnbench: {done.merged} row files compacted into one ({done.rows} rows)")
     if cfg.report:
         from bench.report import write_report
 
@@ -139,7 +205,7 @@ def hydra_main(cfg: DictConfig) -> None:
     cli_task_keys = tuple(o.split("=", 1)[0].removeprefix("task.") for o in overrides if o.startswith("task."))
     try:
         run(cfg, cli_task_keys)
-    except (UnknownName, ValueError) as err:
+    except (UnknownName, ValueError, ResultsUnwritable) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
 

@@ -4,11 +4,12 @@ folder is self-describing."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from bench.measure.checks import WrongResult, measure_calls
 from bench.measure.hardware import HardwareProfile
 from bench.measure.provenance import device_name, now_iso, provenance
 from bench.measure.timing import CellTimeout, TimingConfig
-from bench.results import CORE_COLUMNS, finished_cells, write_row
+from bench.results import CORE_COLUMNS, cell_path, finished_cells, read_row, write_row
+from bench.schedule import isolated, parallel, point_groups, visible_gpus
 from methods import Unsupported, build, get_impl, get_method
 from methods.registry import interpreted
 from tasks import Cell, RunContext, get_task
@@ -39,6 +41,49 @@ class RunSettings:
     measure_memory: bool = True
     config_yaml: str = ""
     cache_dir: Path | None = None  # shared by runs (trained models a later cell reuses)
+    isolate: str = "false"  # auto | true | false: groups in worker processes (bench.schedule.isolated)
+    cell_timeout_s: float = 3600.0  # isolated: a group with no result after this long is killed (`timeout`)
+    workers: int = 1  # worker processes (bench.schedule: one per GPU; on CPU only trained cells side by side)
+    threads: int | None = None  # torch CPU threads in each worker
+    shard: str | None = None  # "i/n": which shard of the sweep this process runs (recorded in its rows)
+    worker: int | None = None  # which worker this process is (None: the sweep itself)
+    plugins: tuple[str, ...] = ()  # modules a worker imports first: methods or tasks registered outside the tree
+
+
+class ResultsUnwritable(OSError):
+    """The results folder refused a row (read-only, disk full): the sweep stops, the rows written stay."""
+
+
+def settings_to_json(settings: RunSettings) -> dict:
+    """What a worker process needs to measure as the sweep would (bench.worker)."""
+    out = dataclasses.asdict(settings)
+    out.update(results_dir=str(settings.results_dir), device=str(settings.device), profile=dataclasses.asdict(settings.profile),
+               timing=dataclasses.asdict(settings.timing), plugins=list(settings.plugins),
+               cache_dir=str(settings.cache_dir) if settings.cache_dir is not None else None)  # fmt: skip
+    return out
+
+
+def settings_from_json(spec: dict, worker: int) -> RunSettings:
+    """A worker's settings: the sweep's, measured in-process (a worker isolates nothing further). A worker pinned
+    to one GPU with CUDA_VISIBLE_DEVICES sees it as cuda:0."""
+    device = torch.device(spec["device"])
+    if device.type == "cuda":
+        device = torch.device("cuda")
+    fields = {f.name for f in dataclasses.fields(RunSettings)}
+    return RunSettings(**{**{k: v for k, v in spec.items() if k in fields}, "results_dir": Path(spec["results_dir"]),
+                          "device": device, "profile": HardwareProfile(**spec["profile"]),
+                          "timing": TimingConfig(**spec["timing"]), "plugins": tuple(spec["plugins"]),
+                          "cache_dir": Path(spec["cache_dir"]) if spec.get("cache_dir") else None,
+                          "isolate": "false", "workers": 1, "worker": worker})  # fmt: skip
+
+
+def cell_from_json(data: dict) -> Cell:
+    """A cell as the sweep sent it; its id must come out the same, or the worker would write another cell's row."""
+    cell = Cell(data["method"], data["impl"], data["task"], data["hardware"], data["point"], data["method_params"],
+                data["seed"], data["suite"])  # fmt: skip
+    if cell.cell_id != data["cell_id"]:
+        raise ValueError(f"cell {data['cell_id']} changed on its way to the worker (now {cell.cell_id})")
+    return cell
 
 
 def one_line(err: BaseException) -> str:
@@ -98,7 +143,16 @@ def base_row(cell: Cell, settings: RunSettings) -> dict:
         config_yaml=settings.config_yaml,
         keys=task.row_keys(cell),
         metrics=metric_declarations(task),
+        worker=settings.worker,
+        shard=settings.shard,
     )
+    return row
+
+
+def failure_row(cell: Cell, settings: RunSettings, status: str, reason: str, worker: int | None) -> dict:
+    """The row of a cell whose worker crashed or hung before writing it."""
+    row = base_row(cell, settings)
+    row.update(status=status, reason=reason[:REASON_CHARS], worker=worker, timestamp=now_iso())
     return row
 
 
@@ -193,27 +247,63 @@ def measure_point(cells: list[Cell], settings: RunSettings) -> list[dict]:
     return rows
 
 
-def point_groups(cells: list[Cell]) -> list[list[Cell]]:
-    """Consecutive cells of one task, point and seed whose task interleaves them; every other cell alone."""
-    groups: list[list[Cell]] = []
-    key = None
-    for cell in cells:
-        together = get_task(cell.task).interleaves(cell)
-        this = (cell.task, json.dumps(dict(cell.point), sort_keys=True, default=str), cell.seed) if together else None
-        if this is not None and this == key:
-            groups[-1].append(cell)
-        else:
-            groups.append([cell])
-        key = this
-    return groups
+def measure_group(cells: Sequence[Cell], settings: RunSettings) -> list[dict]:
+    """The rows of one point group (bench.schedule.point_groups), in this process."""
+    cells = list(cells)
+    if len(cells) > 1 or get_task(cells[0].task).interleaves(cells[0]):
+        return measure_point(cells, settings)
+    return [measure_cell(cells[0], settings)]
+
+
+def write_rows(results_dir: Path, rows: Iterable[dict], on_write: Callable[[dict], None] = lambda row: None) -> None:
+    """Write each row; a folder that refuses one (read-only, disk full) stops the sweep with one line."""
+    for row in rows:
+        try:
+            write_row(results_dir, row)
+        except OSError as err:
+            raise ResultsUnwritable(f"cannot write results to {results_dir}: {err.strerror or err}; the rows written "
+                                    "so far are kept: fix it and run the same command again to resume") from err  # fmt: skip
+        on_write(row)
+
+
+def _pool(settings: RunSettings, on_rows, on_failure, log):
+    from bench.isolation import WorkerPool
+
+    spec = settings_to_json(settings)
+    return WorkerPool(settings.workers, spec, settings.cell_timeout_s, visible_gpus(settings.device),
+                      on_rows, on_failure, log)  # fmt: skip
 
 
 def run_cells(cells: Iterable[Cell], settings: RunSettings, log=print) -> list[dict]:
-    """Measure and write each cell; skip cells with an `ok` row unless `force`. Returns the rows written."""
+    """Measure and write each cell; skip cells with an `ok` row unless `force`. Returns the rows written.
+
+    Groups run in this process or, isolated, on worker processes (bench.schedule says which and beside what):
+    a group that may not run beside others waits until every worker is idle.
+    """
     cells = list(cells)
+    settings.results_dir.mkdir(parents=True, exist_ok=True)
     done = set() if settings.force else finished_cells(settings.results_dir)
     index = {cell.cell_id: i for i, cell in enumerate(cells, 1)}
-    written = []
+    written: list[dict] = []
+
+    def record(cell: Cell, row: dict) -> None:
+        _log_row(f"[{index[cell.cell_id]}/{len(cells)}] {cell.label()}", row, log)
+        written.append(row)
+
+    def worker_rows(group: list[Cell], worker: int) -> None:
+        for cell in group:
+            try:
+                record(cell, read_row(cell_path(settings.results_dir, cell.cell_id)))
+            except Exception:  # noqa: BLE001 - compacted away by a peer shard: written all the same
+                record(cell, {"cell_id": cell.cell_id, "status": "ok", "reason": "", "worker": worker})
+
+    def failed(group: list[Cell], status: str, reason: str, worker: int) -> None:
+        rows = [failure_row(cell, settings, status, reason, worker) for cell in group]
+        write_rows(settings.results_dir, rows)
+        for cell, row in zip(group, rows, strict=True):
+            record(cell, row)
+
+    pool = None
     # What exists now (modules: torch, sympy, pandas, ...) lives for the whole sweep: freezing it keeps the
     # collection after each cell to the cell's own garbage (a full collection here costs ~0.2 s a cell).
     gc.freeze()
@@ -227,13 +317,31 @@ def run_cells(cells: Iterable[Cell], settings: RunSettings, log=print) -> list[d
                     todo.append(cell)
             if not todo:
                 continue
-            interleave = len(todo) > 1 or get_task(todo[0].task).interleaves(todo[0])
-            rows = measure_point(todo, settings) if interleave else [measure_cell(todo[0], settings)]
-            for cell, row in zip(todo, rows, strict=True):
-                write_row(settings.results_dir, row)
-                _log_row(f"[{index[cell.cell_id]}/{len(cells)}] {cell.label()}", row, log)
-                written.append(row)
+            if not isolated(todo, settings.isolate, settings.device):
+                if pool is not None:
+                    pool.drain()
+                rows = measure_group(todo, settings)
+                write_rows(settings.results_dir, rows)
+                for cell, row in zip(todo, rows, strict=True):
+                    record(cell, row)
+                continue
+            pool = pool or _pool(settings, worker_rows, failed, log)
+            alongside = settings.workers > 1 and parallel(todo, settings.device)
+            if not alongside:
+                pool.drain()
+            pool.submit(todo)
+            if not alongside:
+                pool.drain()
+        if pool is not None:
+            pool.drain()
+    except BaseException:
+        if pool is not None:
+            pool.close(kill=True)
+            pool = None
+        raise
     finally:
+        if pool is not None:
+            pool.close()
         gc.unfreeze()
     return written
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch._dynamo.config as dynamo_config
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from methods.base import Unsupported
@@ -25,7 +24,13 @@ _BLOCK_MASKS = LayoutCache(size=64)
 
 @functools.cache
 def compiled_flex():
-    """`flex_attention` compiled once per process."""
+    """`flex_attention` compiled once per process.
+
+    Dynamo is imported here, not with the module: it costs 1.5-2.5 s, and everything that lists the methods
+    (the report, compare, the registry) imports this module without ever compiling.
+    """
+    import torch._dynamo.config as dynamo_config
+
     # A sweep compiles one graph per shape and mask; past dynamo's default limit (8) it would
     # silently fall back to eager FlexAttention and time something users never run.
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)

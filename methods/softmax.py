@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from methods.base import Attention, Capabilities, default_scale
 from methods.flex import flex_forward
@@ -57,6 +56,10 @@ def _sdpa(q, k, v, causal: bool) -> torch.Tensor:
         # Rows that see no key: SDPA's lower-right bias warns but returns zeros, as we define them.
         mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(diagonal=n_k - n_q)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).nan_to_num(0.0)
+    # Imported on first use: torch.nn.attention.bias pulls in dynamo (1.5-2.5 s), which the report, compare and
+    # the registry never need; once imported, the statement is a dictionary lookup.
+    from torch.nn.attention.bias import causal_lower_right
+
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_q, n_k))
 
 

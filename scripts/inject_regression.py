@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.results import read_row, result_files, write_row  # noqa: E402
+from bench.results import read_rows, write_row  # noqa: E402
 
 
 def pairs(values: list[str]) -> dict[str, float]:
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.dst)
     shutil.copytree(args.src, args.dst, ignore=shutil.ignore_patterns("report"))
     changed = 0
-    for file in result_files(args.dst):
-        row = read_row(file)
+    # Every row, loose or compacted; a changed row is written loose, which `load` reads over its compacted copy.
+    for row in read_rows(args.dst):
         method = row["method"]
         if row["status"] != "ok" or method not in {*slow, *fid, *acc, *args.fail}:
             continue

@@ -1,4 +1,4 @@
-"""Write N synthetic result rows (one Parquet file each, through `bench.results.write_row`) to time the report.
+"""Write N synthetic result rows (through `bench.results`, as the runner writes them) to time loading and the report.
 
 The rows look like a large GPU campaign: 20 methods x 3 impls, 9 context
 lengths, 4 patterns x 4 modes, 3 dtypes, several head dims, a sprinkle of
@@ -6,7 +6,11 @@ failed and interpreted rows, and needle rows, with latency following a power
 law so plots, slopes and efficiency lengths have real curves. Every row names
 its key columns and declares its task's metrics, as the runner writes them.
 
-    python scripts/synthetic_results.py /tmp/synth10k --rows 10000
+    python scripts/synthetic_results.py /tmp/synth10k --rows 10000             # one file per row (write_row)
+    python scripts/synthetic_results.py /tmp/synth100k --rows 100000 --compact  # one compacted file
+
+`--compact` writes the rows straight into the folder's compacted file (`write_compacted`, the same row checks
+and types as `write_row`): 100,000 loose files take minutes to write and as long again to compact.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.results import CORE_COLUMNS, write_row  # noqa: E402
+from bench.results import CORE_COLUMNS, write_compacted, write_row  # noqa: E402
 from bench.sweep import metric_declarations  # noqa: E402
 from tasks import get_task  # noqa: E402
 from tasks.base import SHAPE_KEYS  # noqa: E402
@@ -96,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--compact", action="store_true", help="write one compacted file, not a file per row")
     args = parser.parse_args(argv)
+    if args.compact:
+        path = write_compacted(args.out, rows(args.rows))
+        print(f"{args.rows} rows written to {path}")
+        return 0
     written = [write_row(args.out, row) for row in rows(args.rows)]
     print(f"{len(written)} rows written to {args.out}")
     return 0

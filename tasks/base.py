@@ -211,6 +211,9 @@ class Task:
     pareto: tuple[str, str] | None = None  # (cost metric, quality metric) of the Pareto plot, from `summary`
     plots_vs_context: bool = False  # draw its latency and memory against the context length (kv_len)
     section_group: str | None = None  # tasks of one group (e.g. the LRA tasks) also share `group_sections`
+    # Its cells train a model (minutes to hours, not one timed op): they run in a child process by default
+    # (isolate=auto) and may run beside each other on CPU workers, where timed ops never do.
+    trains: bool = False
 
     def metric(self, name: str) -> Metric:
         for m in self.metrics:

@@ -185,6 +185,7 @@ def curve(history: list[dict]) -> str:
 @register_task
 class LMTask(Task):
     name = "lm"
+    trains = True
     description = "causal language model (nanoGPT recipe) trained with the method as mixer: validation perplexity"
     keys = (*LM_KEYS, "presets")  # presets: read by normalise_point, never in a row
     metrics = (

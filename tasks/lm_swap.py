@@ -84,6 +84,7 @@ def load_weights(model: MixerModel, state: Mapping[str, torch.Tensor]) -> None:
 @register_task
 class LMSwapTask(Task):
     name = "lm_swap"
+    trains = True  # evaluates a trained model, and trains the softmax base when the cache lacks it
     description = "a trained softmax LM with a training-free method swapped in: perplexity increase over softmax"
     keys = (*SWAP_KEYS, *BASE_KEYS)
     metrics = (
@@ -138,7 +139,7 @@ class LMSwapTask(Task):
                 save_model(path, model, key, {})
         else:
             model = MixerModel(model_config(pt, corpus.tokenizer.vocab_size), lambda: build(BASE_METHOD, impl=BASE_IMPL))
-            load_weights(model, torch.load(path, map_location="cpu", weights_only=False)["model"])
+            load_weights(model, torch.load(path, map_location="cpu", weights_only=True)["model"])
         model.to(ctx.device).eval()
         self._base = ((key, path), model)
         return model, corpus, key, trained_here

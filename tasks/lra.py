@@ -99,6 +99,7 @@ def majority_rate(labels: torch.Tensor) -> float:
 class ClassificationTask(Task):
     """An LRA-style task: its data (`make_splits`), a bidirectional encoder, test accuracy against the majority."""
 
+    trains = True
     data_keys: tuple[str, ...] = ()
     metrics = (
         Metric("accuracy", "fraction", "higher", "drop", "test accuracy"),

@@ -196,6 +196,7 @@ def total_steps(point: Mapping) -> int:
 @register_task
 class MQARTask(Task):
     name = "mqar"
+    trains = True
     description = "multi-query associative recall accuracy of a small trained model (Zoology); recall vs state size"
     keys = tuple(k for k in PARAMS if k != "seq_len")  # seq_len is a shape key
     metrics = (

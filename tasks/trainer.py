@@ -250,7 +250,7 @@ class Trainer:
     def _load(self, path: Path, model: nn.Module, opt, sched) -> dict | None:
         """Restore a checkpoint into model, optimizer, scheduler and RNG; its `extra` with `step`, or None
         when it was written by an older trainer (then the run starts over: a checkpoint is only a cache)."""
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = torch.load(path, map_location=self.device, weights_only=True)
         if state.get("format") != CHECKPOINT_FORMAT:
             warnings.warn(f"checkpoint {path} has format {state.get('format')}, not {CHECKPOINT_FORMAT}; "
                           "training from scratch", stacklevel=3)

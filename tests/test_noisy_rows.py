@@ -18,7 +18,7 @@ from bench.report.plots import context_figure, figure_rows, plot_data
 from bench.report.rows import prepare
 from bench.report.slopes import scaling_slopes
 from bench.report.summary import summarise
-from bench.results import write_row
+from bench.results import COMPACTED_NAME, load, write_row
 
 LENGTHS = (1024, 2048, 4096)
 NOISY = dict(noisy=True, probe_slowdown=3.2, latency_cv=0.4)
@@ -229,6 +229,7 @@ def test_make_baseline_takes_the_median_quiet_row_of_each_cell(tmp_path: Path) -
                                     latency_ms=values[i], **extra))  # fmt: skip
         runs.append(run)
     assert make_baseline.main([str(tmp_path / "base"), *map(str, runs)]) == 0
-    base = {p.stem: pd.read_parquet(p).iloc[0] for p in (tmp_path / "base").glob("*.parquet")}
-    assert base["a"].latency_ms == 2.0  # median of 1, 5, 2
-    assert base["b"].latency_ms == 3.0 and not base["b"].noisy  # the upper of the quiet 1 and 3, not the flagged 9
+    assert [p.name for p in (tmp_path / "base").glob("*.parquet")] == [COMPACTED_NAME]  # one compacted file
+    base = load(tmp_path / "base").set_index("cell_id")
+    assert base.loc["a"].latency_ms == 2.0  # median of 1, 5, 2
+    assert base.loc["b"].latency_ms == 3.0 and not base.loc["b"].noisy  # the upper of the quiet 1 and 3, not the flagged 9

@@ -147,3 +147,85 @@ def test_report_with_only_failed_rows(tmp_path: Path) -> None:
     assert "out of memory" in text and "No task gave a summary column" in text
     assert "out of memory" in (path.parent / "index.html").read_text()
     assert "out of memory" in (path.parent / "leaderboard.tex").read_text()
+
+
+# ---------------------------------------------------------------- figures drawn in a forked child
+
+
+def report_files(out: Path) -> dict[str, bytes]:
+    """Every output file's bytes, the one line that holds the build time blanked."""
+    files = {}
+    for p in sorted(out.iterdir()):
+        data = p.read_bytes()
+        files[p.name] = re.sub(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", b"TIME", data) if p.suffix != ".png" else data
+    return files
+
+
+def test_figures_drawn_in_a_child_are_the_same_files(outputs: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Forced to fork (the campaign is small; an earlier test's daemon threads, e.g. tqdm's monitor, would veto
+    it), the report's files are byte for byte the ones drawn here: the context-length figures in one child,
+    the needle heat maps (a task's figures, through `background.draw`) in a second."""
+    import os
+
+    import bench.report.background as background
+
+    monkeypatch.setattr(background, "MIN_ROWS", 0)
+    monkeypatch.setattr(background.FigureDrawer, "_can_fork", staticmethod(lambda: True))
+    forks, real_fork = [], os.fork
+    monkeypatch.setattr(background.os, "fork", lambda: forks.append(1) or real_fork())
+    report.write_report(outputs.parent, tmp_path, baseline=("softmax", "torch"))
+    assert len(forks) == 2
+    assert report_files(tmp_path) == report_files(outputs)
+
+
+def test_a_child_that_fails_is_covered_by_drawing_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import bench.report.plots as plots
+    from bench.report.background import FigureDrawer
+
+    results = tmp_path / "results"
+    campaign(results)
+    rows = prepare(load_results(results)[0])
+    here = plots.context_plots(rows, tmp_path)[0]
+    expected = {p.name: p.read_bytes() for p in here}
+    for p in here:
+        p.unlink()
+    parent, real_plot = os.getpid(), plots.plot_figure
+
+    def fails_in_the_child(*args):
+        if os.getpid() != parent:
+            raise RuntimeError("child broke")
+        return real_plot(*args)
+
+    monkeypatch.setattr(plots, "plot_figure", fails_in_the_child)
+    monkeypatch.setattr(FigureDrawer, "_can_fork", staticmethod(lambda: True))
+    with FigureDrawer(min_rows=0) as drawer:
+        paths = plots.context_plots(rows, tmp_path)[0]
+        assert len(drawer.jobs) == 3 and not any(p.exists() for p in paths)
+        drawer.start(len(rows))
+        assert len(drawer.children) == 1 and drawer.jobs == []
+        drawer.finish()
+    assert {p.name: p.read_bytes() for p in paths} == expected
+
+
+def test_no_fork_while_another_thread_runs() -> None:
+    """A fork copies only the calling thread: a lock another thread holds would stay held in the child."""
+    import threading
+
+    from bench.report.background import FigureDrawer
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        with FigureDrawer(min_rows=0) as drawer:
+            drawer.jobs.append((lambda: None, ()))
+            drawer.start(10)
+            assert drawer.children == [] and len(drawer.jobs) == 1
+            drawer.finish()
+            assert drawer.jobs == []
+    finally:
+        stop.set()
+        other.join()

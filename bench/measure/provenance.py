@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import socket
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,7 +56,7 @@ def cpu_arch() -> str | None:
 
 @functools.cache
 def provenance() -> dict:
-    """git commit and dirty flag, package versions, the host CPU; the same for every row of a process."""
+    """git commit and dirty flag, package versions, the host CPU and name; the same for every row of a process."""
     try:
         import triton
 
@@ -70,6 +71,7 @@ def provenance() -> dict:
         "triton_version": triton_version,
         "python_version": platform.python_version(),
         "machine": cpu_arch(),
+        "host": socket.gethostname(),  # which node of a cluster (or box of a campaign) wrote the row
     }
 
 

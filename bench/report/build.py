@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.report.background import FigureDrawer
 from bench.report.document import Part, section_part
 from bench.report.efficiency import BASELINE, EFFICIENCY_PNG, efficiency_lengths, efficiency_part, efficiency_plot
 from bench.report.html import render_html
@@ -62,12 +63,22 @@ def sections_of(name: str, make, rows: pd.DataFrame) -> list[Part]:
 
 
 def report_parts(df: pd.DataFrame, results_dir: Path, out: Path, corrupt: list[tuple[str, str]],
-                 baseline: tuple[str, str]) -> list[Part]:  # fmt: skip
-    """Every part of the report in reading order; writes the figures into `out` on the way."""
+                 baseline: tuple[str, str], drawer: FigureDrawer | None = None) -> list[Part]:  # fmt: skip
+    """Every part of the report in reading order; writes the figures into `out` on the way.
+
+    With a `drawer` (entered: `background.draw` hands it the figures), the context-length figures go to a
+    child first, then the task sections' figures to a second, while this process builds the rest; they are
+    on disk once `drawer.finish()` returns.
+    """
     summaries, notes = summarise(df)
     n_interp = int((df["status"].eq("ok") & df["_interp"]).sum())
     context = context_rows(df)  # once: plots, slopes and efficiency all read these rows
     figures, not_drawn = context_plots(context, out)
+    if drawer is not None:
+        drawer.start(len(context))
+    tasks = task_parts(df, out)
+    if drawer is not None:
+        drawer.start(len(df))
     eff = efficiency_lengths(context, baseline)
     efficiency = efficiency_part(eff, baseline)
     if efficiency is not None and (png := efficiency_plot(eff, out / EFFICIENCY_PNG, baseline)) is not None:
@@ -76,7 +87,7 @@ def report_parts(df: pd.DataFrame, results_dir: Path, out: Path, corrupt: list[t
         *summary_parts(summaries, notes, n_interp),
         provenance_part(df, results_dir, len(corrupt)),
         *cell_parts(df),
-        *task_parts(df, out),
+        *tasks,
         *(p for p in (slopes_part(context), efficiency) if p is not None),
         not_measured_part(df, corrupt),
         plots_part([*figures, *pareto_plots(summaries, out)], not_drawn),
@@ -97,11 +108,13 @@ def write_report(
     default = (results_dir if results_dir.is_dir() else results_dir.parent) / "report"
     out = Path(out_dir) if out_dir is not None else default
     out.mkdir(parents=True, exist_ok=True)
-    parts = report_parts(df, results_dir, out, corrupt, baseline)
-    lead = [timing_line(df)]
-    path = out / "leaderboard.md"
-    path.write_text(render_markdown(TITLE, parts, lead), encoding="utf-8")
-    (out / "leaderboard.tex").write_text(render_latex(parts, lead), encoding="utf-8")
+    with FigureDrawer() as drawer:
+        parts = report_parts(df, results_dir, out, corrupt, baseline, drawer)
+        lead = [timing_line(df)]
+        path = out / "leaderboard.md"
+        path.write_text(render_markdown(TITLE, parts, lead), encoding="utf-8")
+        (out / "leaderboard.tex").write_text(render_latex(parts, lead), encoding="utf-8")
+        drawer.finish()  # index.html embeds the figures
     (out / "index.html").write_text(render_html(TITLE, parts, lead), encoding="utf-8")
     return path
 

@@ -29,8 +29,8 @@ def tex_table(cells: pd.DataFrame, caption: str, label: str, numeric: tuple[str,
         " & ".join(tex_escape(c) for c in cells.columns) + r" \\",
         r"\midrule",
     ]
-    body = cells.map(tex_escape)
-    lines += [" & ".join(row) + r" \\" for row in body.itertuples(index=False)]
+    body = [[tex_escape(v) for v in cells.iloc[:, i].to_numpy(dtype=object)] for i in range(cells.shape[1])]
+    lines += [" & ".join(row) + r" \\" for row in zip(*body, strict=True)] if len(cells.columns) else []
     lines += [r"\bottomrule", r"\end{tabular}"]
     if note:
         lines.append(rf"\par\smallskip{{\footnotesize {tex_escape(note)}\par}}")

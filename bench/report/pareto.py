@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import TightLayoutEngine
 
 from bench.disturbed import LABEL
 from bench.report.format import file_slug
@@ -107,7 +108,7 @@ def pareto_figure(summary: TaskSummary) -> Figure | None:
     ax.tick_params(labelsize=6)
     ax.grid(True, alpha=0.3)
     ax.set_title(f"{summary.task}: quality vs cost (red: Pareto front, {int(front.sum())} of {len(pts)})", fontsize=8)
-    fig.tight_layout()
+    TightLayoutEngine().execute(fig)  # fig.tight_layout() without leaving an engine that savefig would redo
     return fig
 
 

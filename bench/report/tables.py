@@ -29,6 +29,7 @@ from bench.report.format import (
     fmt_spread,
     fmt_value,
     listed,
+    map_distinct,
     marked,
     metric_header,
     point_text,
@@ -73,7 +74,7 @@ def sortable(values: pd.Series) -> pd.Series:
     numbers = pd.to_numeric(values, errors="coerce")
     if numbers.notna().sum() == values.notna().sum():
         return numbers
-    return values.map(fmt_value)
+    return map_distinct(values, fmt_value)
 
 
 def ranked_order(values: pd.Series, metric: Metric | None) -> pd.Series:
