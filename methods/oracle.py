@@ -47,9 +47,19 @@ def oracle_attention(
     dtype: torch.dtype = torch.float64,
     block_q: int = 1024,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v in `dtype`; rows that see no key are zero (as FlashAttention)."""
+    """softmax(q k^T * scale + mask) v in `dtype`; rows that see no key are zero (as FlashAttention).
+
+    K and V may have fewer heads than Q (grouped-query / multi-query attention): query head h reads K/V head
+    h // (heads // kv_heads), as SDPA's `enable_gqa` and flash_attn do. The oracle simply repeats them.
+    """
     batch, heads, n_q, _ = q.shape
     n_k = k.shape[-2]
+    kv_heads = k.shape[1]
+    if kv_heads != heads:
+        if kv_heads < 1 or heads % kv_heads or v.shape[1] != kv_heads:
+            raise ValueError(f"grouped-query attention needs heads % kv_heads == 0 and K, V with the same heads "
+                             f"(q has {heads} heads, k {kv_heads}, v {v.shape[1]})")  # fmt: skip
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
     scale = default_scale(q.shape[-1]) if scale is None else scale
     q, k, v = (t.to(dtype) for t in (q, k, v))
     mask_mod = with_causal(mask_mod, n_q, n_k, causal)

@@ -88,3 +88,40 @@ def test_rows_that_see_no_key_have_zero_gradients_not_nan(attention):
         assert t.grad.isfinite().all(), f"d{name} has non-finite entries"
     assert torch.equal(q.grad[:, :, :7], torch.zeros_like(q.grad[:, :, :7]))
     assert q.grad[:, :, 7:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("group", [1, 2, 8])  # query heads per K/V head (8 with one K/V head: multi-query)
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query_heads_read_their_shared_kv_head(group, causal):
+    """Query head h reads K/V head h // group: against the per-query loop on each head's own K/V, and against
+    SDPA's enable_gqa (an implementation written independently of this one)."""
+    heads, kv_heads = 8, 8 // group
+    q, k, v = torch.randn(2, heads, 13, 8), torch.randn(2, kv_heads, 13, 8), torch.randn(2, kv_heads, 13, 8)
+    got = oracle_attention(q, k, v, causal=causal)
+    for h in range(heads):
+        own = loop_attention(q[:, h : h + 1], k[:, h // group : h // group + 1], v[:, h // group : h // group + 1], causal)
+        assert torch.allclose(got[:, h : h + 1], own, atol=1e-12)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal,
+                                                            enable_gqa=True)  # fmt: skip
+    assert torch.allclose(got, sdpa, atol=1e-12)
+
+
+def test_grouped_query_heads_that_do_not_divide_are_refused():
+    q, k = torch.randn(1, 6, 4, 8), torch.randn(1, 4, 4, 8)
+    with pytest.raises(ValueError, match="heads % kv_heads == 0"):
+        oracle_attention(q, k, k)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_packed_batch_with_a_document_mask_is_each_document_on_its_own(causal):
+    """Documents of lengths 1, 17, 300 and 1,000 packed into one sequence: with the document mask, each
+    document's output is its own attention, computed alone (the oracle of packed variable-length batches)."""
+    from tasks.doc_lengths import cu_seqlens, document_mask_mod
+
+    lengths = [1, 17, 300, 1000]
+    cu = cu_seqlens(lengths)
+    q, k, v = (torch.randn(1, 2, sum(lengths), 8, dtype=torch.float64) for _ in range(3))
+    packed = oracle_attention(q, k, v, mask_mod=document_mask_mod(cu, causal), block_q=512)
+    for start, stop in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        alone = oracle_attention(q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], causal=causal)
+        assert torch.allclose(packed[:, :, start:stop], alone, atol=1e-12)
