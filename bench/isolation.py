@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.measure.provenance import REPO_ROOT
-from bench.worker import MARK
+from bench.results import ResultsUnwritable
+from bench.worker_protocol import cells_line, parse
 from tasks import Cell
 
 STARTUP_LIMIT_S = 600.0  # a worker that has not said `ready` by then is stuck importing (a dead NFS mount, ...)
@@ -104,8 +105,8 @@ class Worker:
 
     def _read_stdout(self, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
-            if line.startswith(MARK):
-                self.events.put((proc, "msg", json.loads(line[len(MARK):])))
+            if (msg := parse(line)) is not None:
+                self.events.put((proc, "msg", msg))
             else:
                 self.events.put((proc, "log", line.rstrip("\n")))
         self.events.put((proc, "eof", None))
@@ -116,7 +117,7 @@ class Worker:
             sys.stderr.write(f"[worker {self.index}] {line}")
 
     def send(self, cells: Sequence[Cell]) -> None:
-        self.proc.stdin.write(json.dumps({"cells": [cell_to_json(c) for c in cells]}) + "\n")
+        self.proc.stdin.write(cells_line(cells))
         self.proc.stdin.flush()
 
     def kill(self) -> int:
@@ -126,12 +127,6 @@ class Worker:
         if proc.poll() is None:
             proc.kill()
         return proc.wait()
-
-
-def cell_to_json(cell: Cell) -> dict:
-    return {"method": cell.method, "impl": cell.impl, "task": cell.task, "hardware": cell.hardware,
-            "point": dict(cell.point), "method_params": dict(cell.method_params), "seed": cell.seed,
-            "suite": cell.suite, "cell_id": cell.cell_id}  # fmt: skip
 
 
 class WorkerPool:
@@ -227,8 +222,6 @@ class WorkerPool:
             job, worker.job = worker.job, None
             self.on_rows(job.cells, worker.index)
         elif payload["kind"] == "unwritable":
-            from bench.sweep import ResultsUnwritable
-
             raise ResultsUnwritable(payload["reason"])
 
     def fail(self, worker: Worker, status: str, reason: str) -> None:

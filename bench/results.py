@@ -43,7 +43,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +118,10 @@ _BATCH = 10_000  # rows per Arrow table built from dicts: bounds the memory of a
 
 class CorruptResults(ValueError):
     """A results file that cannot be read, or a schema newer than this code understands."""
+
+
+class ResultsUnwritable(OSError):
+    """The results folder refused a row (read-only, disk full): the sweep stops, the rows written stay."""
 
 
 def _tables_for(rows: list[dict]) -> pa.Table:
@@ -195,6 +199,17 @@ def write_row(results_dir: Path | str, row: dict) -> Path:
     with folder_lock(results_dir, exclusive=False):
         atomic_write(final, lambda tmp: pq.write_table(table, tmp))
     return final
+
+
+def write_rows(results_dir: Path | str, rows: Iterable[dict], on_write: Callable[[dict], None] = lambda row: None) -> None:
+    """Write each row; a folder that refuses one (read-only, disk full) stops the sweep with one line."""
+    for row in rows:
+        try:
+            write_row(results_dir, row)
+        except OSError as err:
+            raise ResultsUnwritable(f"cannot write results to {results_dir}: {err.strerror or err}; the rows written "
+                                    "so far are kept: fix it and run the same command again to resume") from err  # fmt: skip
+        on_write(row)
 
 
 def write_compacted(results_dir: Path | str, rows: Iterable[dict]) -> Path:
@@ -297,7 +312,7 @@ def _gather(path: Path, on_corrupt: str, columns: list[str] | None) -> tuple[lis
     Per folder: the loose files, then the compacted file without the cells a loose file holds (loose wins).
     """
     if on_corrupt not in ("raise", "warn", "skip"):
-        raise ValueError(f"on_corrupt must be 'raise' or 'warn', not {on_corrupt!r}")
+        raise ValueError(f"on_corrupt must be 'raise', 'warn' or 'skip', not {on_corrupt!r}")
     if not path.exists():
         raise FileNotFoundError(f"no results at {path}")
 
@@ -351,12 +366,17 @@ def load_table(path: Path | str, on_corrupt: str = "raise", columns: list[str] |
     ArrowInvalid/ArrowTypeError when one task column has two types in two files (`load` copes).
     """
     tables, keys = _gather(Path(path), on_corrupt, columns)
-    if not tables:
-        return None
-    # One Arrow concat, one sort into path order, one take. Task columns missing from some files become nulls.
-    table = pa.concat_tables(tables, promote_options="permissive")
-    order = pa.compute.sort_indices(pa.chunked_array(keys, pa.string()))
-    return table.take(order).combine_chunks()
+    return _in_path_order(tables, keys) if tables else None
+
+
+def _path_order(keys: list[pa.Array]) -> pa.Array:
+    return pa.compute.sort_indices(pa.chunked_array(keys, pa.string()))
+
+
+def _in_path_order(tables: list[pa.Table], keys: list[pa.Array]) -> pa.Table:
+    """One Arrow concat, one sort into path order, one take. Task columns missing from some files become nulls;
+    contiguous columns, because chunked string columns make every later row selection slow."""
+    return pa.concat_tables(tables, promote_options="permissive").take(_path_order(keys)).combine_chunks()
 
 
 def load(path: Path | str, on_corrupt: str = "raise") -> pd.DataFrame:
@@ -371,13 +391,11 @@ def load(path: Path | str, on_corrupt: str = "raise") -> pd.DataFrame:
     if not tables:
         df = pd.DataFrame(columns=list(CORE_COLUMNS))
     else:
-        order = pa.compute.sort_indices(pa.chunked_array(keys, pa.string()))
         try:
-            # Contiguous columns, one conversion: chunked string columns make every later row selection slow.
-            df = pa.concat_tables(tables, promote_options="permissive").take(order).combine_chunks().to_pandas()
+            df = _in_path_order(tables, keys).to_pandas()
         except (pa.ArrowInvalid, pa.ArrowTypeError):  # a task column with clashing types across files
             df = pd.concat([t.to_pandas() for t in tables], ignore_index=True, sort=False)
-            df = df.iloc[order.to_numpy()].reset_index(drop=True)
+            df = df.iloc[_path_order(keys).to_numpy()].reset_index(drop=True)
     for col in CORE_COLUMNS:
         if col not in df.columns:
             df[col] = None

@@ -25,8 +25,9 @@ from bench.measure.hardware import detect_device, resolve_profile
 from bench.measure.provenance import REPO_ROOT, new_run_id
 from bench.measure.timing import TimingConfig
 from bench.plan import CONF_DIR, group_names, plan_cells, resolve_suite
+from bench.results import ResultsUnwritable
 from bench.schedule import parse_isolate, parse_shard, resolve_workers, shard_cells, worker_threads
-from bench.sweep import ResultsUnwritable, RunSettings, run_cells
+from bench.sweep import RunSettings, run_cells
 from methods import METHODS
 from methods.registry import UnknownName, unknown
 
@@ -160,9 +161,10 @@ def open_results(results_dir: Path) -> None:
 
 def sweep_complete(results_dir: Path, every: list) -> bool:
     """Whether every cell of the sweep (all shards) has a row of some status in the folder."""
-    from bench.results import load
+    from bench.results import load_table
 
-    have = set(load(results_dir, on_corrupt="warn")["cell_id"])
+    table = load_table(results_dir, "warn", columns=["schema_version", "cell_id"])  # the ids only, not every column
+    have = set() if table is None else set(table["cell_id"].to_pylist())
     return all(cell.cell_id in have for cell in every)
 
 

@@ -9,7 +9,7 @@ import gc
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from bench.measure.checks import WrongResult, measure_calls
 from bench.measure.hardware import HardwareProfile
 from bench.measure.provenance import device_name, now_iso, provenance
 from bench.measure.timing import CellTimeout, TimingConfig
-from bench.results import CORE_COLUMNS, cell_path, finished_cells, read_row, write_row
+from bench.results import CORE_COLUMNS, cell_path, finished_cells, read_row, write_rows
 from bench.schedule import isolated, parallel, point_groups, visible_gpus
 from methods import Unsupported, build, get_impl, get_method
 from methods.registry import interpreted
@@ -50,10 +50,6 @@ class RunSettings:
     plugins: tuple[str, ...] = ()  # modules a worker imports first: methods or tasks registered outside the tree
 
 
-class ResultsUnwritable(OSError):
-    """The results folder refused a row (read-only, disk full): the sweep stops, the rows written stay."""
-
-
 def settings_to_json(settings: RunSettings) -> dict:
     """What a worker process needs to measure as the sweep would (bench.worker)."""
     out = dataclasses.asdict(settings)
@@ -75,15 +71,6 @@ def settings_from_json(spec: dict, worker: int) -> RunSettings:
                           "timing": TimingConfig(**spec["timing"]), "plugins": tuple(spec["plugins"]),
                           "cache_dir": Path(spec["cache_dir"]) if spec.get("cache_dir") else None,
                           "isolate": "false", "workers": 1, "worker": worker})  # fmt: skip
-
-
-def cell_from_json(data: dict) -> Cell:
-    """A cell as the sweep sent it; its id must come out the same, or the worker would write another cell's row."""
-    cell = Cell(data["method"], data["impl"], data["task"], data["hardware"], data["point"], data["method_params"],
-                data["seed"], data["suite"])  # fmt: skip
-    if cell.cell_id != data["cell_id"]:
-        raise ValueError(f"cell {data['cell_id']} changed on its way to the worker (now {cell.cell_id})")
-    return cell
 
 
 def one_line(err: BaseException) -> str:
@@ -253,17 +240,6 @@ def measure_group(cells: Sequence[Cell], settings: RunSettings) -> list[dict]:
     if len(cells) > 1 or get_task(cells[0].task).interleaves(cells[0]):
         return measure_point(cells, settings)
     return [measure_cell(cells[0], settings)]
-
-
-def write_rows(results_dir: Path, rows: Iterable[dict], on_write: Callable[[dict], None] = lambda row: None) -> None:
-    """Write each row; a folder that refuses one (read-only, disk full) stops the sweep with one line."""
-    for row in rows:
-        try:
-            write_row(results_dir, row)
-        except OSError as err:
-            raise ResultsUnwritable(f"cannot write results to {results_dir}: {err.strerror or err}; the rows written "
-                                    "so far are kept: fix it and run the same command again to resume") from err  # fmt: skip
-        on_write(row)
 
 
 def _pool(settings: RunSettings, on_rows, on_failure, log):

@@ -4,11 +4,8 @@ Why a fresh interpreter and not a fork: a forked child of a process that initial
 hang or crash, and the parent has done both. The worker imports the harness once and then measures group
 after group, so its start-up (a second or two) is paid once per worker, not once per cell.
 
-Protocol, one JSON object per line. stdin: the run's settings first, then one group of cells per line
-(EOF: exit). stdout: ordinary log lines, plus lines starting with `MARK` that the pool reads:
-`ready`, `start` (the group's cell ids), `done` (the group's rows are written), `unwritable` (the
-results folder refused a row: the sweep must stop). The worker writes its rows itself, atomically;
-what a crash leaves unwritten the pool writes as failure rows.
+The protocol is bench.worker_protocol. The worker writes its rows itself, atomically; what a crash leaves
+unwritten the pool writes as failure rows.
 """
 
 from __future__ import annotations
@@ -20,12 +17,13 @@ import json
 import signal
 import sys
 
-MARK = "\x1eattnbench-worker\x1e "
+from bench.worker_protocol import cells_of, message
+
 PR_SET_PDEATHSIG = 1
 
 
 def send(kind: str, **payload) -> None:
-    sys.stdout.write(MARK + json.dumps({"kind": kind, **payload}) + "\n")
+    sys.stdout.write(message(kind, **payload))
     sys.stdout.flush()
 
 
@@ -48,14 +46,15 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from bench.sweep import ResultsUnwritable, cell_from_json, measure_group, settings_from_json, write_rows
+    from bench.results import ResultsUnwritable, write_rows
+    from bench.sweep import measure_group, settings_from_json
 
     settings = settings_from_json(spec, worker=index)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     send("ready")
     for line in sys.stdin:
-        cells = [cell_from_json(c) for c in json.loads(line)["cells"]]
+        cells = cells_of(line)
         send("start", cells=[c.cell_id for c in cells])
         rows = measure_group(cells, settings)
         try:

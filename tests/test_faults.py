@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench.results
 import bench.run
-import bench.sweep
 from bench.isolation import exit_reason
 from bench.measure.hardware import HardwareProfile
 from bench.measure.provenance import REPO_ROOT
 from bench.measure.timing import TimingConfig
-from bench.results import load, read_row, result_files
-from bench.sweep import ResultsUnwritable, RunSettings, run_cells
+from bench.results import ResultsUnwritable, load, read_row, result_files
+from bench.sweep import RunSettings, run_cells
 from methods import METHODS
 from tasks.base import Cell
 
@@ -111,7 +111,7 @@ def test_exit_reasons_name_the_signal_and_the_oom_killer():
 
 def test_a_full_disk_stops_the_sweep_on_one_line_and_keeps_the_rows_written(tmp_path, fault_method, monkeypatch):
     """Simulated ENOSPC from the third write on: the two rows before it are intact, no temp file is left."""
-    real, calls = bench.sweep.write_row, []
+    real, calls = bench.results.write_row, []
 
     def filling(results_dir, row):
         calls.append(row["cell_id"])
@@ -119,7 +119,7 @@ def test_a_full_disk_stops_the_sweep_on_one_line_and_keeps_the_rows_written(tmp_
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(results_dir, row)
 
-    monkeypatch.setattr(bench.sweep, "write_row", filling)
+    monkeypatch.setattr(bench.results, "write_row", filling)
     cells = [fault_cell("none", i) for i in range(4)]
     with pytest.raises(ResultsUnwritable) as err:
         run_cells(cells, settings(tmp_path), log=lambda s: None)
